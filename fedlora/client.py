@@ -1,0 +1,152 @@
+"""The Flower NumPyClient: local (DP-)training of the shared LoRA adapter.
+
+Per round: load the global adapter into the process's cached model, run the local
+steps (Opacus DP-SGD under sample-level DP), and return only the adapter delta
+``local - global`` with the client's privacy state in the metrics. The accountant
+history lives in Flower's ``context.state``, which persists per node for the whole
+run, so epsilon composes over every round the client took part in.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.client import NumPyClient
+
+from fedlora.config import plain_config, seed_for
+from fedlora.data import TaskData, client_split, partition_indices
+from fedlora.data.sources import load_task_data_cached
+from fedlora.lora import get_arrays, set_arrays, subtract
+from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp
+from fedlora.runtime import ModelBundle, cached_shard, get_bundle
+from fedlora.training import evaluate, tokenize, train_dp, train_plain
+
+DP_STATE = "dp_history"
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: int):
+    from omegaconf import OmegaConf
+
+    task = load_task_data_cached(json.loads(data_key), seed)
+    return partition_indices(task.train, num_partitions, OmegaConf.create(json.loads(partition_key)))
+
+
+def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: int):
+    """(train, validation) row indices of one client, identical in every process."""
+    from omegaconf import OmegaConf
+
+    keys = (json.dumps(OmegaConf.to_container(c, resolve=True), sort_keys=True) for c in (cfg.data, cfg.partition))
+    parts = _partitions(*keys, num_partitions, int(cfg.seed))
+    return client_split(
+        parts[partition_id], float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
+    )
+
+
+def client_plan(cfg: Any, num_examples: int) -> DPPlan | None:
+    if cfg.privacy.unit != "sample":
+        return None
+    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds))
+
+
+class LoRAClient(NumPyClient):
+    """One data holder. Holds only its own shard; the model is per-process."""
+
+    def __init__(self, cfg: Any, partition_id: int, num_partitions: int, context: Context) -> None:
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.state = context.state
+        self.task = load_task_data_cached(cfg.data, int(cfg.seed))
+        self.train_idx, self.val_idx = client_indices(cfg, self.task, partition_id, num_partitions)
+
+    # -- helpers ---------------------------------------------------------------
+    def _bundle(self) -> ModelBundle:
+        return get_bundle(self.cfg, self.task.num_labels)
+
+    def _data(self, bundle: ModelBundle, split: str):
+        idx = self.train_idx if split == "train" else self.val_idx
+        return cached_shard(
+            bundle,
+            (split, self.partition_id),
+            lambda: tokenize(self.task.train.select(idx), bundle.tokenizer, self.cfg.model.max_length),
+        )
+
+    def history(self) -> list[tuple[float, float, int]]:
+        if DP_STATE not in self.state:
+            return []
+        rec = self.state[DP_STATE]
+        return list(zip(rec["noise_multiplier"], rec["sample_rate"], rec["steps"]))
+
+    def _append_history(self, sigma: float, q: float, steps: int, server_round: int) -> None:
+        old = self.state[DP_STATE] if DP_STATE in self.state else None
+        rounds = list(old["round"]) if old is not None else []
+        hist = self.history()
+        hist.append((sigma, q, steps))
+        self.state[DP_STATE] = ConfigRecord(
+            {
+                "noise_multiplier": [float(h[0]) for h in hist],
+                "sample_rate": [float(h[1]) for h in hist],
+                "steps": [int(h[2]) for h in hist],
+                "round": rounds + [int(server_round)],
+            }
+        )
+
+    # -- NumPyClient -------------------------------------------------------------
+    def get_parameters(self, config):
+        bundle = self._bundle()
+        return get_arrays(bundle.model, bundle.names)
+
+    def fit(self, parameters, config):
+        cfg = self.cfg
+        server_round = int(config.get("server_round", 0))
+        bundle = self._bundle()
+        set_arrays(bundle.model, bundle.names, parameters)
+        data = self._data(bundle, "train")
+        seed = seed_for(cfg.seed, self.partition_id, server_round)
+        torch.manual_seed(seed)  # DP noise is drawn from the global generator
+        generator = torch.Generator().manual_seed(seed)
+        plan = client_plan(cfg, len(data))
+        metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit}
+        if plan is None:
+            stats = train_plain(bundle.model, data, cfg.train, local_steps(len(data), cfg.train), generator)
+        else:
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, plan.steps_per_round, generator)
+            self._append_history(plan.noise_multiplier, plan.sample_rate, stats.steps, server_round)
+            metrics.update(
+                epsilon=epsilon_from_history(self.history(), plan.delta, plan.accountant),
+                delta=plan.delta,
+                sample_rate=plan.sample_rate,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                accountant=plan.accountant,
+                total_steps=int(sum(h[2] for h in self.history())),
+            )
+        metrics.update(steps=stats.steps, train_loss=stats.loss, num_examples=len(data))
+        delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
+        return delta, len(data), metrics
+
+    def evaluate(self, parameters, config):
+        bundle = self._bundle()
+        set_arrays(bundle.model, bundle.names, parameters)
+        data = self._data(bundle, "val")
+        if len(data) == 0:
+            return 0.0, 0, {"partition_id": self.partition_id}
+        loss, acc = evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size))
+        return loss, len(data), {"accuracy": acc, "partition_id": self.partition_id}
+
+
+def make_client_fn(cfg: Any):
+    cfg = plain_config(cfg)
+
+    def client_fn(context: Context):
+        torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
+        pid = int(context.node_config["partition-id"])
+        num = int(context.node_config["num-partitions"])
+        return LoRAClient(cfg, pid, num, context).to_client()
+
+    return client_fn

@@ -1,0 +1,41 @@
+"""Compose the experiment config from the repository's Hydra tree (``conf/``).
+
+Simulation runs go through ``@hydra.main``; deployed apps (``flwr run``) get the same
+overrides as a string in the run config and compose the same tree here, so the same
+presets drive both environments.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def plain_config(cfg: Any) -> DictConfig:
+    """A resolved copy with no interpolations left (safe to pickle to other processes)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    return OmegaConf.create(container)
+
+
+def compose(overrides: list[str] | str = ()) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return plain_config(cfg)
+
+
+def seed_for(*parts: int) -> int:
+    """A 31-bit seed derived from (run seed, client, round...), stable across processes."""
+    value = 0x9E3779B9
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 1) % (2**31 - 1)
+    return value

@@ -1,0 +1,114 @@
+"""Calibrate DP-SGD noise once, for the whole planned run.
+
+Noise is chosen so that ALL local steps a client may take over ALL planned rounds
+meet (target_epsilon, delta): the client may be sampled in every round, so the plan
+assumes it is. Calibrating per round instead would spend the budget once per round.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedlora.errors import ConfigError
+from fedlora.privacy.accounting import epsilon_from_history
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one client will use: enough, with its history, to recompute epsilon."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps_per_round: int
+    planned_rounds: int
+    max_grad_norm: float
+    target_epsilon: float
+    delta: float
+    accountant: str
+
+    @property
+    def planned_steps(self) -> int:
+        return self.steps_per_round * self.planned_rounds
+
+    @property
+    def planned_epsilon(self) -> float:
+        history = [(self.noise_multiplier, self.sample_rate, self.planned_steps)]
+        return epsilon_from_history(history, self.delta, self.accountant)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def local_steps(num_examples: int, train_cfg: Any) -> int:
+    """Optimizer steps per round: ``train.local_steps`` or ``local_epochs`` passes."""
+    if train_cfg.local_steps is not None:
+        steps = int(train_cfg.local_steps)
+        if steps < 1:
+            raise ConfigError("train.local_steps", f"must be >= 1, got {steps}")
+        return steps
+    if float(train_cfg.local_epochs) <= 0:
+        raise ConfigError("train.local_epochs", f"must be > 0, got {train_cfg.local_epochs}")
+    batch = min(int(train_cfg.batch_size), num_examples)
+    return max(1, math.ceil(float(train_cfg.local_epochs) * num_examples / batch))
+
+
+def check_budget(target_epsilon: float, delta: float) -> None:
+    if not target_epsilon > 0:
+        raise ConfigError("privacy.target_epsilon", f"must be > 0, got {target_epsilon}")
+    if not 0 < delta < 1:
+        raise ConfigError("privacy.delta", f"must lie in (0, 1), got {delta}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    return float(
+        get_noise_multiplier(
+            target_epsilon=eps,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+def plan_sample_dp(num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: int) -> DPPlan:
+    """Sample-level DP-SGD plan for a client holding ``num_examples`` training rows."""
+    eps, delta = float(privacy_cfg.target_epsilon), float(privacy_cfg.delta)
+    check_budget(eps, delta)
+    if int(train_cfg.batch_size) < 1:
+        raise ConfigError("train.batch_size", f"must be >= 1, got {train_cfg.batch_size}")
+    if float(privacy_cfg.max_grad_norm) <= 0:
+        raise ConfigError("privacy.max_grad_norm", f"must be > 0, got {privacy_cfg.max_grad_norm}")
+    sample_rate = min(1.0, int(train_cfg.batch_size) / num_examples)
+    steps = local_steps(num_examples, train_cfg)
+    total = steps * rounds
+    cap = float(privacy_cfg.max_noise_multiplier)
+    try:
+        sigma = _noise_multiplier(eps, delta, sample_rate, total, str(privacy_cfg.accountant))
+    except ValueError:
+        sigma = math.inf
+    if sigma > cap:
+        raise ConfigError(
+            "privacy.target_epsilon",
+            f"epsilon={eps} at delta={delta} over {total} steps ({rounds} rounds x {steps} "
+            f"local steps, sample rate {sample_rate:.4f}, {num_examples} examples) needs a "
+            f"noise multiplier of {sigma:.2f}, above privacy.max_noise_multiplier={cap}; "
+            "raise the target epsilon, plan fewer rounds or local steps, or raise the cap",
+        )
+    return DPPlan(
+        sample_rate=sample_rate,
+        noise_multiplier=sigma,
+        steps_per_round=steps,
+        planned_rounds=rounds,
+        max_grad_norm=float(privacy_cfg.max_grad_norm),
+        target_epsilon=eps,
+        delta=delta,
+        accountant=str(privacy_cfg.accountant),
+    )

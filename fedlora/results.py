@@ -1,0 +1,140 @@
+"""Run record: per-round metrics and per-client privacy, written to ``results.json``.
+
+The file is rewritten atomically (write, then rename) after every round, so a crash
+leaves the last complete round on disk, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RunRecorder:
+    """Collects what the strategy reports and writes ``results.json``."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        privacy_unit: str,
+        delta: float | None,
+        num_rounds: int,
+        echo=print,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "results.json"
+        self.config = config
+        self.privacy_unit = privacy_unit
+        self.delta = delta
+        self.num_rounds = num_rounds
+        self.echo = echo
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.client_epsilon: dict[str, float] = {}
+        self.final: dict[str, Any] | None = None
+        self.start = time.time()
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {"round": server_round})
+
+    def epsilon(self) -> float | None:
+        """The federation's epsilon: the largest over clients (each holds its own)."""
+        if self.privacy_unit == "none" or not self.client_epsilon:
+            return None
+        return max(self.client_epsilon.values())
+
+    def on_fit(self, server_round: int, clients: list[dict], rejected: list[dict], agg_s: float) -> None:
+        for info in clients:
+            if info.get("accepted") and info.get("epsilon") is not None:
+                self.client_epsilon[str(info["cid"])] = float(info["epsilon"])
+        rec = self._round(server_round)
+        rec["clients"] = clients
+        rec["failures"] = [r for r in rejected if r.get("cid") is None]
+        rec["num_accepted"] = sum(bool(c.get("accepted")) for c in clients)
+        rec["num_rejected"] = len(rejected)
+        rec["aggregation_s"] = agg_s
+
+    def on_evaluate(self, server_round: int, loss: float, metrics: dict[str, Any]) -> None:
+        rec = self._round(server_round)
+        rec["loss"] = _finite(float(loss))
+        rec["accuracy"] = _finite(float(metrics.get("accuracy", math.nan)))
+        rec["epsilon"] = self.epsilon()
+        rec["elapsed_s"] = round(time.time() - self.start, 3)
+        self.echo(self._progress_line(rec))
+        self.write()
+
+    def on_federated_evaluate(self, server_round: int, loss: float, accuracy: float, n: int) -> None:
+        rec = self._round(server_round)
+        rec["federated_evaluation"] = {"loss": _finite(loss), "accuracy": _finite(accuracy), "clients": n}
+        self.write()
+
+    def eps_text(self, epsilon: float | None) -> str:
+        if self.privacy_unit == "none":
+            return "no DP"
+        if epsilon is None:
+            return f"eps n/a ({PRIVACY_UNIT_LABEL[self.privacy_unit]})"
+        return f"eps {epsilon:.3f} (delta={self.delta:g}, {PRIVACY_UNIT_LABEL[self.privacy_unit]}, max over clients)"
+
+    def _progress_line(self, rec: dict[str, Any]) -> str:
+        acc = rec.get("accuracy")
+        acc_text = "n/a" if acc is None else f"{acc:.4f}"
+        parts = [f"round {rec['round']}/{self.num_rounds}", f"test accuracy {acc_text}", f"loss {rec.get('loss') or float('nan'):.4f}"]
+        if rec["round"] > 0:
+            parts.append(self.eps_text(rec.get("epsilon")))
+            parts.append(f"clients ok {rec.get('num_accepted', 0)}, rejected {rec.get('num_rejected', 0)}")
+        parts.append(f"{rec['elapsed_s']:.1f}s")
+        return " | ".join(parts)
+
+    def finalize(self, **extra: Any) -> dict[str, Any]:
+        last = self.rounds[max(self.rounds)] if self.rounds else {}
+        self.final = {
+            "accuracy": last.get("accuracy"),
+            "loss": last.get("loss"),
+            "epsilon": self.epsilon(),
+            "delta": self.delta if self.privacy_unit != "none" else None,
+            "privacy_unit": self.privacy_unit,
+            "rounds_completed": max((r for r in self.rounds if "clients" in self.rounds[r]), default=0),
+            "wall_s": round(time.time() - self.start, 3),
+            "client_epsilon": dict(sorted(self.client_epsilon.items())),
+            **extra,
+        }
+        self.write()
+        return self.final
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+            "final": self.final,
+        }
+
+    def write(self) -> None:
+        write_json_atomic(self.path, self.payload())

@@ -1,0 +1,84 @@
+"""Checks that stop a bad experiment before the federation starts.
+
+Every problem is reported as a :class:`ConfigError` naming the setting to change:
+federation sizes, data and columns, partitions, the model, and the privacy plan of
+every client (a target epsilon that needs more noise than the cap allows).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fedlora.client import client_indices, client_plan
+from fedlora.data import TaskData
+from fedlora.data.sources import load_task_data_cached
+from fedlora.errors import ConfigError
+from fedlora.privacy import DPPlan
+from fedlora.privacy.calibration import check_budget
+from fedlora.runtime import get_bundle
+
+PRIVACY_UNITS = ("none", "sample")
+
+
+@dataclass
+class Preflight:
+    task: TaskData
+    client_sizes: list[int]
+    plans: list[DPPlan | None]
+
+
+def backend_cpus(cfg: Any) -> int:
+    configured = cfg.federation.backend_num_cpus
+    return int(configured) if configured else (os.cpu_count() or 1)
+
+
+def check_federation(cfg: Any) -> None:
+    fed = cfg.federation
+    n = int(fed.num_clients)
+    if n < 1:
+        raise ConfigError("federation.num_clients", f"must be >= 1, got {n}")
+    if int(fed.rounds) < 1:
+        raise ConfigError("federation.rounds", f"must be >= 1, got {fed.rounds}")
+    for name in ("fraction_fit", "fraction_evaluate"):
+        value = float(fed[name])
+        low_ok = value > 0 if name == "fraction_fit" else value >= 0
+        if not (low_ok and value <= 1):
+            raise ConfigError(f"federation.{name}", f"must lie in (0, 1], got {value}")
+    for name in ("min_fit_clients", "min_available_clients", "min_evaluate_clients"):
+        minimum = int(fed[name])
+        if minimum < 1:
+            raise ConfigError(f"federation.{name}", f"must be >= 1, got {minimum}")
+        if name != "min_evaluate_clients" or float(fed.fraction_evaluate) > 0:
+            if minimum > n:
+                raise ConfigError(
+                    "federation.num_clients",
+                    f"{n} clients is fewer than federation.{name}={minimum}; add clients or "
+                    f"lower federation.{name}",
+                )
+    cpus = float(fed.client_resources.num_cpus)
+    if cpus <= 0 or cpus > backend_cpus(cfg):
+        raise ConfigError(
+            "federation.client_resources.num_cpus",
+            f"{cpus} CPUs per client but the backend has {backend_cpus(cfg)}",
+        )
+    unit = str(cfg.privacy.unit)
+    if unit not in PRIVACY_UNITS:
+        raise ConfigError("privacy", f"unknown privacy unit {unit!r}; choose one of {PRIVACY_UNITS}")
+    if unit != "none":
+        check_budget(float(cfg.privacy.target_epsilon), float(cfg.privacy.delta))
+
+
+def preflight(cfg: Any) -> Preflight:
+    check_federation(cfg)
+    task = load_task_data_cached(cfg.data, int(cfg.seed))
+    n = int(cfg.federation.num_clients)
+    sizes, plans = [], []
+    for pid in range(n):
+        train_idx, _ = client_indices(cfg, task, pid, n)
+        sizes.append(len(train_idx))
+        plans.append(client_plan(cfg, len(train_idx)))
+    # Loads (and caches) the model the server evaluates: an unknown model fails here.
+    get_bundle(cfg, task.num_labels)
+    return Preflight(task=task, client_sizes=sizes, plans=plans)

@@ -1,0 +1,1 @@
+"""Server side: pure aggregation math, update validation and the Flower strategy."""

@@ -1,0 +1,95 @@
+"""Flower ServerApp: our strategy inside Flower's DefaultWorkflow with a LegacyContext.
+
+The compatibility workflow is used (not the Message-API strategies) because Flower's
+SecAgg+ runs only there. The server keeps the test split for centralized evaluation
+every round, records the run, and saves the final adapter in PEFT format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from omegaconf import OmegaConf
+
+from fedlora.config import compose, plain_config
+from fedlora.data.sources import load_task_data_cached
+from fedlora.lora import get_arrays, set_arrays
+from fedlora.results import RunRecorder
+from fedlora.runtime import get_bundle
+from fedlora.training import evaluate, tokenize
+from strategies.fedlora_strategy import FedLoRAStrategy
+
+
+def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print) -> dict[str, Any]:
+    task = load_task_data_cached(cfg.data, int(cfg.seed))
+    bundle = get_bundle(cfg, task.num_labels)
+    test = tokenize(task.test, bundle.tokenizer, cfg.model.max_length)
+
+    def evaluate_fn(server_round: int, arrays):
+        set_arrays(bundle.model, bundle.names, arrays)
+        loss, acc = evaluate(bundle.model, test, int(cfg.train.eval_batch_size))
+        return loss, {"accuracy": acc}
+
+    privacy = cfg.privacy
+    recorder = RunRecorder(
+        run_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        privacy_unit=str(privacy.unit),
+        delta=float(privacy.delta) if privacy.unit != "none" else None,
+        num_rounds=int(cfg.federation.rounds),
+        echo=echo,
+    )
+    fed = cfg.federation
+    strategy = FedLoRAStrategy(
+        initial_arrays=get_arrays(bundle.model, bundle.names),
+        aggregator=str(cfg.strategy.aggregator),
+        server_lr=float(cfg.strategy.server_lr),
+        fraction_fit=float(fed.fraction_fit),
+        fraction_evaluate=float(fed.fraction_evaluate),
+        min_fit_clients=int(fed.min_fit_clients),
+        min_evaluate_clients=int(fed.min_evaluate_clients),
+        min_available_clients=int(fed.min_available_clients),
+        evaluate_fn=evaluate_fn,
+        recorder=recorder,
+    )
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=int(fed.rounds)), strategy=strategy
+    )
+    DefaultWorkflow()(grid, legacy)
+
+    set_arrays(bundle.model, bundle.names, strategy.global_arrays)
+    adapter_dir = Path(run_dir) / "adapter"
+    bundle.model.save_pretrained(str(adapter_dir))
+    (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
+    return recorder.finalize(
+        num_clients=int(fed.num_clients),
+        trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),
+        label_names=task.label_names,
+    )
+
+
+def make_server_app(cfg: Any, run_dir: Path, echo=print) -> ServerApp:
+    cfg = plain_config(cfg)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, cfg, run_dir, echo)
+
+    return app
+
+
+# `flwr run .` entry point (pyproject [tool.flwr.app.components]).
+app = ServerApp()
+
+
+@app.main()
+def _deployed_main(grid: Grid, context: Context) -> None:
+    cfg = compose(str(context.run_config.get("overrides", "")))
+    run_dir = Path(str(context.run_config.get("run-dir", "") or f"outputs/flwr-run-{context.run_id}"))
+    run_server(grid, context, cfg, run_dir)

@@ -1,0 +1,30 @@
+import os
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from fedlora.config import compose  # noqa: E402
+
+TINY = [
+    "model=tiny_bert",
+    "data.max_train_samples=120",
+    "data.max_test_samples=40",
+    "federation.num_clients=2",
+    "federation.rounds=3",
+    "train.batch_size=16",
+    "train.local_steps=2",
+]
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A composed config for a tiny random BERT on a few fine-food reviews."""
+
+    def make(*overrides: str):
+        return compose(TINY + list(overrides))
+
+    return make

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from opacus.accountants import RDPAccountant
+
+from fedlora.client import LoRAClient
+from fedlora.data.sources import load_task_data_cached
+from fedlora.runtime import get_bundle
+from fedlora.lora import get_arrays
+
+
+def _context(pid: int) -> Context:
+    return Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid, "num-partitions": 2},
+                   state=RecordDict(), run_config={})
+
+
+def test_client_accountant_persists_across_rounds(tiny_cfg):
+    cfg = tiny_cfg()
+    ctx = _context(0)
+    task = load_task_data_cached(cfg.data, cfg.seed)
+    bundle = get_bundle(cfg, task.num_labels)
+    global_arrays = get_arrays(bundle.model, bundle.names)
+    reference = RDPAccountant()
+    epsilons = []
+    for rnd in (1, 2, 3):
+        # A fresh client object each round, as Flower builds one per message: only
+        # context.state carries the accountant.
+        client = LoRAClient(cfg, 0, 2, ctx)
+        delta, n, metrics = client.fit(global_arrays, {"server_round": rnd})
+        assert n == len(client.train_idx)
+        assert metrics["steps"] == cfg.train.local_steps
+        for _ in range(metrics["steps"]):
+            reference.step(noise_multiplier=metrics["noise_multiplier"], sample_rate=metrics["sample_rate"])
+        assert metrics["epsilon"] == pytest.approx(reference.get_epsilon(cfg.privacy.delta), rel=1e-9)
+        assert metrics["total_steps"] == rnd * cfg.train.local_steps
+        epsilons.append(metrics["epsilon"])
+        assert [d.shape for d in delta] == [g.shape for g in global_arrays]
+        b_moved = [np.abs(d).max() > 0 for d, name in zip(delta, bundle.names) if "lora_B" in name]
+        assert all(b_moved), "LoRA B did not move under DP-SGD"
+    assert epsilons[0] < epsilons[1] < epsilons[2] <= cfg.privacy.target_epsilon + 1e-9
+
+
+def test_client_without_dp_reports_no_epsilon(tiny_cfg):
+    cfg = tiny_cfg("privacy=none")
+    client = LoRAClient(cfg, 1, 2, _context(1))
+    params = client.get_parameters({})
+    delta, n, metrics = client.fit(params, {"server_round": 1})
+    assert "epsilon" not in metrics
+    assert metrics["privacy_unit"] == "none"
+    assert any(np.abs(d).max() > 0 for d in delta)
+    loss, n_val, m = client.evaluate(params, {})
+    assert n_val == len(client.val_idx) > 0
+    assert 0.0 <= m["accuracy"] <= 1.0 and np.isfinite(loss)
+
+
+def test_clients_hold_disjoint_shards(tiny_cfg):
+    cfg = tiny_cfg()
+    a = LoRAClient(cfg, 0, 2, _context(0))
+    b = LoRAClient(cfg, 1, 2, _context(1))
+    rows = [set(a.train_idx), set(a.val_idx), set(b.train_idx), set(b.val_idx)]
+    assert sum(len(r) for r in rows) == cfg.data.max_train_samples
+    assert len(set().union(*rows)) == cfg.data.max_train_samples

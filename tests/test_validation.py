@@ -1,0 +1,74 @@
+import numpy as np
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+from strategies.fedlora_strategy import FedLoRAStrategy
+from strategies.validation import flatten, unflatten, validate_update
+
+REF = [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)]
+
+
+def test_valid_update_passes():
+    assert validate_update([np.ones((4, 3), np.float32), np.ones(5, np.float32)], REF) is None
+
+
+def test_rejects_nan_inf_shape_count_dtype():
+    nan = [np.ones((4, 3), np.float32), np.array([0, 1, np.nan, 0, 0], np.float32)]
+    assert "NaN" in validate_update(nan, REF)
+    inf = [np.full((4, 3), np.inf, np.float32), np.ones(5, np.float32)]
+    assert "Inf" in validate_update(inf, REF)
+    assert "shape" in validate_update([np.ones((3, 4), np.float32), np.ones(5, np.float32)], REF)
+    assert "expected 2 tensors" in validate_update([np.ones((4, 3), np.float32)], REF)
+    assert "dtype" in validate_update([np.ones((4, 3), np.int64), np.ones(5, np.float32)], REF)
+
+
+def test_flatten_round_trip():
+    arrays = [np.arange(12, dtype=np.float32).reshape(4, 3), np.arange(5, dtype=np.float32)]
+    back = unflatten(flatten(arrays), arrays)
+    for a, b in zip(arrays, back):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Recorder:
+    def __init__(self):
+        self.fits = []
+
+    def on_fit(self, rnd, clients, rejected, agg_s):
+        self.fits.append((rnd, clients, rejected))
+
+
+def _res(arrays, n, cid):
+    return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, {"partition_id": cid})
+
+
+def test_strategy_rejects_malformed_update_and_round_goes_on():
+    rec = _Recorder()
+    strategy = FedLoRAStrategy(initial_arrays=REF, recorder=rec)
+    good1 = [np.ones((4, 3), np.float32), np.ones(5, np.float32)]
+    good2 = [np.full((4, 3), 3.0, np.float32), np.full(5, 3.0, np.float32)]
+    bad = [np.full((4, 3), np.nan, np.float32), np.ones(5, np.float32)]
+    results = [
+        (GridClientProxy(1, None, 0), _res(good1, 10, 0)),
+        (GridClientProxy(2, None, 0), _res(bad, 10, 1)),
+        (GridClientProxy(3, None, 0), _res(good2, 30, 2)),
+    ]
+    params, metrics = strategy.aggregate_fit(1, results, [RuntimeError("client crashed")])
+    assert params is not None
+    new = parameters_to_ndarrays(params)
+    # weighted mean of the two valid deltas: (10*1 + 30*3) / 40 = 2.5
+    np.testing.assert_allclose(new[0], np.full((4, 3), 2.5), rtol=1e-6)
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 2
+    _, clients, rejected = rec.fits[0]
+    by_cid = {c["cid"]: c for c in clients}
+    assert by_cid[1]["accepted"] is False and "NaN" in by_cid[1]["reason"]
+    assert by_cid[0]["accepted"] and by_cid[2]["accepted"]
+    assert any("client crashed" in r["reason"] for r in rejected)
+
+
+def test_strategy_keeps_global_when_every_update_is_bad():
+    strategy = FedLoRAStrategy(initial_arrays=REF, server_lr=1.0)
+    bad = [np.ones((2, 2), np.float32), np.ones(5, np.float32)]
+    params, metrics = strategy.aggregate_fit(1, [(GridClientProxy(1, None, 0), _res(bad, 5, 0))], [])
+    assert params is None
+    assert metrics["accepted"] == 0
+    np.testing.assert_array_equal(strategy.global_arrays[0], REF[0])
