@@ -21,10 +21,10 @@ from flwr.client import NumPyClient
 from fedlora.config import plain_config, seed_for
 from fedlora.data import TaskData, client_split, partition_indices
 from fedlora.data.sources import load_task_data_cached
-from fedlora.lora import get_arrays, set_arrays, subtract
-from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp
+from fedlora.lora import get_arrays, probe_parts, set_arrays, subtract
+from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
-from fedlora.training import evaluate, tokenize, train_dp, train_plain
+from fedlora.training import TrainStats, embed_all, evaluate, tokenize, train_dp, train_plain, train_probe
 
 DP_STATE = "dp_history"
 
@@ -112,11 +112,19 @@ class LoRAClient(NumPyClient):
         generator = torch.Generator().manual_seed(seed)
         plan = client_plan(cfg, len(data))
         metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit}
+        n_probe = probe_steps(cfg.train)
+        probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
+        if n_probe:
+            # Linear probing on the current adapter's features, then fine-tuning.
+            embed, head = probe_parts(bundle.model)
+            features = embed_all(embed, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
+            probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, generator)
+        n_tune = local_steps(len(data), cfg.train)
         if plan is None:
-            stats = train_plain(bundle.model, data, cfg.train, local_steps(len(data), cfg.train), generator)
+            stats = train_plain(bundle.model, data, cfg.train, n_tune, generator)
         else:
-            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, plan.steps_per_round, generator)
-            self._append_history(plan.noise_multiplier, plan.sample_rate, stats.steps, server_round)
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, generator)
+            self._append_history(plan.noise_multiplier, plan.sample_rate, probe.steps + stats.steps, server_round)
             metrics.update(
                 epsilon=epsilon_from_history(self.history(), plan.delta, plan.accountant),
                 delta=plan.delta,
@@ -126,7 +134,12 @@ class LoRAClient(NumPyClient):
                 accountant=plan.accountant,
                 total_steps=int(sum(h[2] for h in self.history())),
             )
-        metrics.update(steps=stats.steps, train_loss=stats.loss, num_examples=len(data))
+        metrics.update(
+            steps=probe.steps + stats.steps,
+            probe_steps=probe.steps,
+            train_loss=stats.loss if stats.steps else probe.loss,
+            num_examples=len(data),
+        )
         delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
         return delta, len(data), metrics
 
@@ -136,7 +149,7 @@ class LoRAClient(NumPyClient):
         data = self._data(bundle, "val")
         if len(data) == 0:
             return 0.0, 0, {"partition_id": self.partition_id}
-        loss, acc = evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size))
+        loss, acc = evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size), str(self.cfg.train.precision))
         return loss, len(data), {"accuracy": acc, "partition_id": self.partition_id}
 
 

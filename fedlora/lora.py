@@ -29,6 +29,11 @@ def lora_config(lora_cfg: Any) -> LoraConfig:
         lora_alpha=float(lora_cfg.alpha),
         lora_dropout=float(lora_cfg.dropout),
         target_modules=list(lora_cfg.target_modules),
+        # Adapting only the top layers stops backpropagation below them: a step then
+        # costs little more than a forward pass, and fewer tensors carry DP noise.
+        layers_to_transform=(
+            list(lora_cfg.layers_to_transform) if lora_cfg.get("layers_to_transform") else None
+        ),
     )
 
 
@@ -77,3 +82,21 @@ def subtract(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
 
 def num_parameters(arrays: list[np.ndarray]) -> int:
     return int(sum(a.size for a in arrays))
+
+
+def probe_parts(model: PeftModel) -> tuple[Any, torch.nn.Module]:
+    """(embedder, trainable head) of a mean-pooling model, for linear probing.
+
+    The head is PEFT's trainable copy inside ``modules_to_save``, the very tensors
+    that travel, so probing updates the adapter in place.
+    """
+    from fedlora.heads import MeanPoolingClassifier
+
+    inner = model.get_base_model()
+    if not isinstance(inner, MeanPoolingClassifier):
+        raise ConfigError(
+            "train.probe_steps", "linear probing needs model.pooling=mean (a separable head)"
+        )
+    head = inner.classifier
+    head = head.modules_to_save[model.active_adapter] if hasattr(head, "modules_to_save") else head
+    return inner.embed, head

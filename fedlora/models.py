@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -21,6 +22,7 @@ from transformers import (
 )
 
 from fedlora.errors import ConfigError
+from fedlora.heads import MeanPoolingClassifier
 
 PACKAGE_PREFIX = "package:"
 
@@ -66,25 +68,30 @@ def load_base_model(
 ) -> PreTrainedModel:
     """A sequence-classification model with a fresh ``num_labels`` head.
 
-    The head's initialisation is seeded so every process builds the same one; the
-    server's copy is the initial global model all the same.
+    ``model.pooling=mean`` puts a linear head on the masked mean of the encoder's
+    token states (:class:`MeanPoolingClassifier`, for sentence-embedding encoders);
+    ``model.pooling=model`` uses the architecture's own classification head
+    (``AutoModelForSequenceClassification``). The head's initialisation is seeded so
+    every process builds the same one.
     """
     path = resolve_model_path(model_cfg.name_or_path)
     trust = bool(model_cfg.trust_remote_code)
+    pooling = str(model_cfg.get("pooling", "model"))
+    if pooling not in ("model", "mean"):
+        raise ConfigError("model.pooling", f"unknown pooling {pooling!r}; choose model or mean")
+    auto = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
+    labels = {} if pooling == "mean" else {"num_labels": num_labels}
     torch.manual_seed(seed)
     try:
         if model_cfg.random_init:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **labels)
             for key, value in dict(model_cfg.random_init).items():
                 setattr(config, key, value)
-            config.num_labels = num_labels
-            model = AutoModelForSequenceClassification.from_config(
-                config, trust_remote_code=trust
-            )
+            model = auto.from_config(config, trust_remote_code=trust)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, trust_remote_code=trust
-            )
+            model = auto.from_pretrained(path, trust_remote_code=trust, **labels)
+        if pooling == "mean":
+            model = MeanPoolingClassifier(model, num_labels, bool(model_cfg.get("normalize", True)))
     except (OSError, ValueError) as err:
         raise ConfigError(
             "model.name_or_path",

@@ -47,15 +47,32 @@ def _trim(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return input_ids[:, :length], mask[:, :length]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:
+HEAD_KEYS = ("classifier", "score")
+
+
+def make_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.Optimizer:
+    """Optimizer over the trainable tensors; the head may get its own ``train.head_lr``.
+
+    A fresh head on frozen-ish features needs a much larger step than the LoRA
+    factors (linear-probe learning rates), and under DP-SGD the number of steps is
+    small, so one shared learning rate leaves the head near its initialisation.
+    """
     name = str(train_cfg.optimizer).lower()
     lr, wd = float(train_cfg.lr), float(train_cfg.weight_decay)
+    head_lr = train_cfg.get("head_lr")
+    head, body = [], []
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            (head if any(k in pname for k in HEAD_KEYS) else body).append(p)
+    groups = [{"params": body}] if body else []
+    if head:
+        groups.append({"params": head, "lr": float(head_lr) if head_lr is not None else lr})
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(train_cfg.momentum), weight_decay=wd)
+        return torch.optim.SGD(groups, lr=lr, momentum=float(train_cfg.momentum), weight_decay=wd)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r}; choose sgd, adam or adamw")
 
 
@@ -66,11 +83,12 @@ class TrainStats:
     examples_seen: int
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> tuple[float, int]:
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, trim: bool = True) -> tuple[float, int]:
     input_ids, mask, labels = batch
     if len(labels) == 0:
         return 0.0, 0
-    input_ids, mask = _trim(input_ids, mask)
+    if trim:
+        input_ids, mask = _trim(input_ids, mask)
     out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     optimizer.step()
@@ -78,14 +96,14 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> tu
     return float(out.loss.detach()) * len(labels), len(labels)
 
 
-def _run_steps(model, optimizer, loader, steps: int) -> TrainStats:
+def _run_steps(model, optimizer, loader, steps: int, trim: bool = True) -> TrainStats:
     model.train()
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
         for batch in loader:
             # An empty Poisson batch is still a step: the accountant counts it, which
             # can only over-state epsilon, never under-state it.
-            loss, n = _step(model, optimizer, batch)
+            loss, n = _step(model, optimizer, batch, trim)
             loss_sum, seen, done = loss_sum + loss, seen + n, done + 1
             if done >= steps:
                 break
@@ -95,11 +113,10 @@ def _run_steps(model, optimizer, loader, steps: int) -> TrainStats:
 def train_plain(
     model: torch.nn.Module, data: TensorDataset, train_cfg: Any, steps: int, generator: torch.Generator
 ) -> TrainStats:
-    params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(
         data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True, generator=generator
     )
-    return _run_steps(model, make_optimizer(params, train_cfg), loader, steps)
+    return _run_steps(model, make_optimizer(model, train_cfg), loader, steps)
 
 
 def train_dp(
@@ -111,9 +128,8 @@ def train_dp(
     generator: torch.Generator,
 ) -> TrainStats:
     """``steps`` DP-SGD steps with Poisson sampling at ``plan.sample_rate``."""
-    params = [p for p in gsm.parameters() if p.requires_grad]
     optimizer = DPOptimizer(
-        make_optimizer(params, train_cfg),
+        make_optimizer(gsm._module, train_cfg),
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(plan.sample_rate * len(data))),
@@ -126,8 +142,109 @@ def train_dp(
         optimizer.zero_grad(set_to_none=True)
 
 
+def _autocast(precision: str):
+    """bf16 autocast for forward-only passes where the CPU/GPU supports it, else a no-op.
+
+    Only evaluation and probe features use it: DP-SGD's per-sample gradients, clipping
+    and noise stay in fp32.
+    """
+    import contextlib
+
+    if precision == "bf16" or (precision == "auto" and _bf16_supported()):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TensorDataset, batch_size: int) -> tuple[float, float]:
+def embed_all(embed, data: TensorDataset, batch_size: int, precision: str = "auto") -> torch.Tensor:
+    """Head inputs for every row of ``data`` under the current adapter (fp32)."""
+    out = []
+    with _autocast(precision):
+        for input_ids, mask, _ in DataLoader(data, batch_size=int(batch_size)):
+            input_ids, mask = _trim(input_ids, mask)
+            out.append(embed(input_ids, mask).float())
+    return torch.cat(out)
+
+
+def train_probe(
+    head: torch.nn.Linear,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    train_cfg: Any,
+    plan: DPPlan | None,
+    steps: int,
+    generator: torch.Generator,
+) -> TrainStats:
+    """Linear probing: (DP-)SGD on the linear head alone over fixed features.
+
+    LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and
+    Underperform Out-of-Distribution", https://arxiv.org/abs/2202.10054); under DP,
+    probing first spends the budget where the signal is (Ke et al. 2024, "On the
+    Convergence of Differentially-Private Fine-tuning: To Linearly Probe or to Fully
+    Fine-tune?", https://arxiv.org/abs/2402.18905). A probe step reads a Poisson sample
+    at the same rate as any DP-SGD step and is accounted identically.
+
+    Per-example gradients of softmax cross-entropy through a linear layer are exact in
+    closed form, ``(p - y) x^T`` and ``p - y``; they are handed to Opacus's DPOptimizer
+    as ``grad_sample`` (clipping and noise are Opacus's). A second GradSampleModule on
+    the head would collide with the model-wide one that wraps the same parameters.
+    """
+    cfg = {"optimizer": "sgd", "lr": train_cfg.head_lr if train_cfg.head_lr is not None else train_cfg.lr,
+           "momentum": train_cfg.momentum, "weight_decay": 0.0, "head_lr": None}
+    from omegaconf import OmegaConf
+
+    optimizer = make_optimizer(head, OmegaConf.create(cfg))
+    data = TensorDataset(features, labels)
+    if plan is None:
+        loader = DataLoader(data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True,
+                            generator=generator)
+    else:
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=max(1, round(plan.sample_rate * len(data))),
+            loss_reduction="mean",
+        )
+        loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
+    done, loss_sum, seen = 0, 0.0, 0
+    try:
+        while done < steps:
+            for x, y in loader:
+                done += 1  # an empty Poisson batch still counts (see _run_steps)
+                if len(y):
+                    with torch.no_grad():
+                        logits = head(x)
+                        probs = logits.softmax(dim=-1)
+                        err = probs - torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
+                        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                        seen += len(y)
+                    per_example = {head.weight: err[:, :, None] * x[:, None, :], head.bias: err}
+                    for param, grad in per_example.items():
+                        if plan is None:
+                            param.grad = grad.mean(dim=0)
+                        else:
+                            param.grad_sample = grad
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if done >= steps:
+                    break
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    return TrainStats(steps=done, loss=loss_sum / max(seen, 1), examples_seen=seen)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: TensorDataset, batch_size: int, precision: str = "fp32"
+) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) over ``data``."""
     if len(data) == 0:
         return float("nan"), float("nan")
@@ -136,7 +253,8 @@ def evaluate(model: torch.nn.Module, data: TensorDataset, batch_size: int) -> tu
     loss_sum, correct = 0.0, 0
     for input_ids, mask, labels in DataLoader(data, batch_size=int(batch_size)):
         input_ids, mask = _trim(input_ids, mask)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        with _autocast(precision):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=-1) == labels).sum())
     model.train(was_training)

@@ -63,6 +63,11 @@ def check_federation(cfg: Any) -> None:
             "federation.client_resources.num_cpus",
             f"{cpus} CPUs per client but the backend has {backend_cpus(cfg)}",
         )
+    if int(cfg.train.get("probe_steps") or 0) and str(cfg.model.get("pooling", "model")) != "mean":
+        raise ConfigError(
+            "train.probe_steps",
+            "linear probing needs model.pooling=mean; set train.probe_steps=0 for this model",
+        )
     unit = str(cfg.privacy.unit)
     if unit not in PRIVACY_UNITS:
         raise ConfigError("privacy", f"unknown privacy unit {unit!r}; choose one of {PRIVACY_UNITS}")

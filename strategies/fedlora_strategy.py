@@ -41,6 +41,17 @@ from strategies.validation import flatten, unflatten, validate_update
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
 
 
+def failure_reason(failure: Any, limit: int = 400) -> str:
+    """A client failure in one readable line: the last line of its error, shortened."""
+    if isinstance(failure, BaseException):
+        text = str(failure)
+    else:
+        text = f"status {failure[1].status.code.name}: {failure[1].status.message}"
+    lines = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(failure).__name__
+    return last[-limit:]
+
+
 class FedLoRAStrategy(Strategy):
     """Sample clients, validate their LoRA deltas, aggregate, step the global adapter.
 
@@ -151,7 +162,7 @@ class FedLoRAStrategy(Strategy):
                 log(WARNING, "round %s: rejected update from client %s: %s", server_round, info["cid"], reason)
             clients.append(info)
         for failure in failures:
-            reason = repr(failure) if isinstance(failure, BaseException) else f"status {failure[1].status}"
+            reason = failure_reason(failure)
             rejected.append({"cid": None, "accepted": False, "reason": reason})
             log(WARNING, "round %s: client failure: %s", server_round, reason)
 

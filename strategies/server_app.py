@@ -32,7 +32,7 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
 
     def evaluate_fn(server_round: int, arrays):
         set_arrays(bundle.model, bundle.names, arrays)
-        loss, acc = evaluate(bundle.model, test, int(cfg.train.eval_batch_size))
+        loss, acc = evaluate(bundle.model, test, int(cfg.train.eval_batch_size), str(cfg.train.precision))
         return loss, {"accuracy": acc}
 
     privacy = cfg.privacy

@@ -17,6 +17,7 @@ TINY = [
     "federation.rounds=3",
     "train.batch_size=16",
     "train.local_steps=2",
+    "train.probe_steps=0",
 ]
 
 

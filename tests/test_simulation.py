@@ -8,10 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
 
 from fedlora.data import load_task_data
-from fedlora.models import load_tokenizer, resolve_model_path
+from fedlora.models import load_base_model, load_tokenizer
 from fedlora.training import evaluate, tokenize
 
 pytestmark = pytest.mark.integration
@@ -61,19 +60,17 @@ def test_results_json_is_complete(run_dir):
 def test_adapter_reloads_with_peft_and_gives_the_reported_accuracy(run_dir):
     res = json.loads((run_dir / "results.json").read_text())
     cfg = OmegaConf.create(res["config"])
-    path = resolve_model_path(cfg.model.name_or_path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base_model(cfg.model, 2, tokenizer, seed=123)
+    fresh_head = base.classifier.weight.detach().clone()
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     task = load_task_data(cfg.data, cfg.seed)
-    data = tokenize(task.test, load_tokenizer(cfg.model), cfg.model.max_length)
-    loss, acc = evaluate(model, data, 64)
+    data = tokenize(task.test, tokenizer, cfg.model.max_length)
+    loss, acc = evaluate(model, data, cfg.train.eval_batch_size, cfg.train.precision)
     assert acc == pytest.approx(res["final"]["accuracy"], abs=1e-9)
     assert loss == pytest.approx(res["final"]["loss"], rel=1e-4)
-    # The adapter is not the untrained one: the classifier head was learnt.
-    fresh = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    torch.manual_seed(0)
-    assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight,
-                           fresh.classifier.weight)
+    # The head came from the adapter, not from the (differently seeded) fresh base.
+    assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, fresh_head)
 
 
 def test_no_ray_process_left_behind(run_dir):

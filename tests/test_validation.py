@@ -72,3 +72,11 @@ def test_strategy_keeps_global_when_every_update_is_bad():
     assert params is None
     assert metrics["accepted"] == 0
     np.testing.assert_array_equal(strategy.global_arrays[0], REF[0])
+
+
+def test_failure_reason_is_one_short_line():
+    from strategies.fedlora_strategy import failure_reason
+
+    err = RuntimeError("Traceback ...\\n  File x\\nValueError: the real cause")
+    assert failure_reason(err) == "ValueError: the real cause"
+    assert len(failure_reason(RuntimeError("x" * 5000))) == 400

@@ -24,7 +24,8 @@ class DPPlan:
 
     sample_rate: float
     noise_multiplier: float
-    steps_per_round: int
+    steps_per_round: int  # probe steps + fine-tuning steps
+    probe_steps: int
     planned_rounds: int
     max_grad_norm: float
     target_epsilon: float
@@ -48,13 +49,21 @@ def local_steps(num_examples: int, train_cfg: Any) -> int:
     """Optimizer steps per round: ``train.local_steps`` or ``local_epochs`` passes."""
     if train_cfg.local_steps is not None:
         steps = int(train_cfg.local_steps)
-        if steps < 1:
-            raise ConfigError("train.local_steps", f"must be >= 1, got {steps}")
+        if steps < 0:
+            raise ConfigError("train.local_steps", f"must be >= 0, got {steps}")
         return steps
     if float(train_cfg.local_epochs) <= 0:
         raise ConfigError("train.local_epochs", f"must be > 0, got {train_cfg.local_epochs}")
     batch = min(int(train_cfg.batch_size), num_examples)
     return max(1, math.ceil(float(train_cfg.local_epochs) * num_examples / batch))
+
+
+def probe_steps(train_cfg: Any) -> int:
+    """Linear-probe steps per round (``train.probe_steps``, 0 = none)."""
+    steps = int(train_cfg.get("probe_steps") or 0)
+    if steps < 0:
+        raise ConfigError("train.probe_steps", f"must be >= 0, got {steps}")
+    return steps
 
 
 def check_budget(target_epsilon: float, delta: float) -> None:
@@ -87,7 +96,10 @@ def plan_sample_dp(num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: 
     if float(privacy_cfg.max_grad_norm) <= 0:
         raise ConfigError("privacy.max_grad_norm", f"must be > 0, got {privacy_cfg.max_grad_norm}")
     sample_rate = min(1.0, int(train_cfg.batch_size) / num_examples)
-    steps = local_steps(num_examples, train_cfg)
+    probe = probe_steps(train_cfg)
+    steps = local_steps(num_examples, train_cfg) + probe
+    if steps < 1:
+        raise ConfigError("train.local_steps", "a round needs at least one local or probe step")
     total = steps * rounds
     cap = float(privacy_cfg.max_noise_multiplier)
     try:
@@ -98,7 +110,7 @@ def plan_sample_dp(num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: 
         raise ConfigError(
             "privacy.target_epsilon",
             f"epsilon={eps} at delta={delta} over {total} steps ({rounds} rounds x {steps} "
-            f"local steps, sample rate {sample_rate:.4f}, {num_examples} examples) needs a "
+            f"local steps incl. {probe} probe steps, sample rate {sample_rate:.4f}, {num_examples} examples) needs a "
             f"noise multiplier of {sigma:.2f}, above privacy.max_noise_multiplier={cap}; "
             "raise the target epsilon, plan fewer rounds or local steps, or raise the cap",
         )
@@ -106,6 +118,7 @@ def plan_sample_dp(num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: 
         sample_rate=sample_rate,
         noise_multiplier=sigma,
         steps_per_round=steps,
+        probe_steps=probe,
         planned_rounds=rounds,
         max_grad_norm=float(privacy_cfg.max_grad_norm),
         target_epsilon=eps,
