@@ -8,7 +8,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 
 from fedlora.client import make_client_fn
-from fedlora.config import compose
+from fedlora.config import compose_cached
 
 
 def make_client_app(cfg: Any) -> ClientApp:
@@ -16,7 +16,7 @@ def make_client_app(cfg: Any) -> ClientApp:
 
 
 def _deployed_client_fn(context: Context):
-    cfg = compose(str(context.run_config.get("overrides", "")))
+    cfg = compose_cached(str(context.run_config.get("overrides", "")))
     return make_client_fn(cfg)(context)
 
 

@@ -7,6 +7,7 @@ presets drive both environments.
 
 from __future__ import annotations
 
+import functools
 import shlex
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,12 @@ def compose(overrides: list[str] | str = ()) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     return plain_config(cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def compose_cached(overrides: str) -> DictConfig:
+    """``compose`` once per process for the same override string (deployed apps)."""
+    return compose(overrides)
 
 
 def seed_for(*parts: int) -> int:

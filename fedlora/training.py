@@ -83,7 +83,17 @@ class TrainStats:
     examples_seen: int
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, trim: bool = True) -> tuple[float, int]:
+def clip_batch_gradient(params, max_norm: float | None) -> None:
+    """Batch-level gradient-norm clipping of plain (non-DP) training, as HF's Trainer
+    does: it keeps the large learning rates that DP-SGD's per-example clipping allows
+    from diverging once that clipping is gone."""
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(list(params), float(max_norm))
+
+
+def _step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, trim: bool = True, clip: float | None = None
+) -> tuple[float, int]:
     input_ids, mask, labels = batch
     if len(labels) == 0:
         return 0.0, 0
@@ -91,19 +101,21 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, trim:
         input_ids, mask = _trim(input_ids, mask)
     out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
     out.loss.backward()
+    if clip:
+        clip_batch_gradient((p for g in optimizer.param_groups for p in g["params"]), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(out.loss.detach()) * len(labels), len(labels)
 
 
-def _run_steps(model, optimizer, loader, steps: int, trim: bool = True) -> TrainStats:
+def _run_steps(model, optimizer, loader, steps: int, trim: bool = True, clip: float | None = None) -> TrainStats:
     model.train()
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
         for batch in loader:
             # An empty Poisson batch is still a step: the accountant counts it, which
             # can only over-state epsilon, never under-state it.
-            loss, n = _step(model, optimizer, batch, trim)
+            loss, n = _step(model, optimizer, batch, trim, clip)
             loss_sum, seen, done = loss_sum + loss, seen + n, done + 1
             if done >= steps:
                 break
@@ -116,7 +128,22 @@ def train_plain(
     loader = DataLoader(
         data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True, generator=generator
     )
-    return _run_steps(model, make_optimizer(model, train_cfg), loader, steps)
+    clip = train_cfg.get("max_grad_norm")
+    return _run_steps(model, make_optimizer(model, train_cfg), loader, steps, clip=clip)
+
+
+def _dp_parts(
+    optimizer: torch.optim.Optimizer, data: TensorDataset, plan: DPPlan, generator: torch.Generator
+) -> tuple[DPOptimizer, DPDataLoader]:
+    """Opacus's DP optimizer (clip, noise, average) and Poisson-sampling loader for ``plan``."""
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        expected_batch_size=max(1, round(plan.sample_rate * len(data))),
+        loss_reduction="mean",
+    )
+    return dp_optimizer, DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
 
 
 def train_dp(
@@ -128,14 +155,7 @@ def train_dp(
     generator: torch.Generator,
 ) -> TrainStats:
     """``steps`` DP-SGD steps with Poisson sampling at ``plan.sample_rate``."""
-    optimizer = DPOptimizer(
-        make_optimizer(gsm._module, train_cfg),
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=max(1, round(plan.sample_rate * len(data))),
-        loss_reduction="mean",
-    )
-    loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
+    optimizer, loader = _dp_parts(make_optimizer(gsm._module, train_cfg), data, plan, generator)
     try:
         return _run_steps(gsm, optimizer, loader, steps)
     finally:
@@ -206,14 +226,7 @@ def train_probe(
         loader = DataLoader(data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True,
                             generator=generator)
     else:
-        optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=max(1, round(plan.sample_rate * len(data))),
-            loss_reduction="mean",
-        )
-        loader = DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
+        optimizer, loader = _dp_parts(optimizer, data, plan, generator)
     done, loss_sum, seen = 0, 0.0, 0
     try:
         while done < steps:
@@ -232,6 +245,8 @@ def train_probe(
                             param.grad = grad.mean(dim=0)
                         else:
                             param.grad_sample = grad
+                    if plan is None:
+                        clip_batch_gradient(head.parameters(), train_cfg.get("max_grad_norm"))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 if done >= steps:

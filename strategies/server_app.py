@@ -16,7 +16,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from omegaconf import OmegaConf
 
-from fedlora.config import compose, plain_config
+from fedlora.config import compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
 from fedlora.results import RunRecorder
@@ -90,6 +90,6 @@ app = ServerApp()
 
 @app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    cfg = compose(str(context.run_config.get("overrides", "")))
+    cfg = compose_cached(str(context.run_config.get("overrides", "")))
     run_dir = Path(str(context.run_config.get("run-dir", "") or f"outputs/flwr-run-{context.run_id}"))
     run_server(grid, context, cfg, run_dir)
