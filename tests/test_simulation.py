@@ -44,8 +44,10 @@ def test_results_json_is_complete(run_dir):
         assert len(r["clients"]) == 2
         for c in r["clients"]:
             assert c["accepted"] is True
-            assert c["steps"] == 2 and 0 < c["sample_rate"] <= 1 and c["noise_multiplier"] > 0
-            assert c["total_steps"] == 2 * rnd
+            per_round = 2 + res["config"]["train"]["probe_steps"]
+            assert c["steps"] == per_round and c["probe_steps"] == res["config"]["train"]["probe_steps"]
+            assert 0 < c["sample_rate"] <= 1 and c["noise_multiplier"] > 0
+            assert c["total_steps"] == per_round * rnd
         assert r["epsilon"] > eps_prev
         eps_prev = r["epsilon"]
     final = res["final"]
