@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.privacy.ledger import ACCOUNTANTS, LedgerEntry, PrivacyLedger
+
 PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
 
 
@@ -59,6 +61,7 @@ class RunRecorder:
         self.echo = echo
         self.rounds: dict[int, dict[str, Any]] = {}
         self.client_epsilon: dict[str, float] = {}
+        self.ledger = PrivacyLedger()
         self.final: dict[str, Any] | None = None
         self.start = time.time()
 
@@ -73,7 +76,20 @@ class RunRecorder:
 
     def on_fit(self, server_round: int, clients: list[dict], rejected: list[dict], agg_s: float) -> None:
         for info in clients:
-            if info.get("accepted") and info.get("epsilon") is not None:
+            # A client that trained spent budget whether or not its update was accepted.
+            if info.get("noise_multiplier") is not None:
+                self.ledger.add(
+                    LedgerEntry(
+                        client=str(info["cid"]),
+                        round=int(server_round),
+                        unit=str(info.get("privacy_unit", self.privacy_unit)),
+                        noise_multiplier=float(info["noise_multiplier"]),
+                        sample_rate=float(info["sample_rate"]),
+                        steps=int(info["steps"]),
+                        delta=float(info["delta"]),
+                    )
+                )
+            if info.get("epsilon") is not None:
                 self.client_epsilon[str(info["cid"])] = float(info["epsilon"])
         rec = self._round(server_round)
         rec["clients"] = clients
@@ -124,16 +140,24 @@ class RunRecorder:
             "rounds_completed": max((r for r in self.rounds if "clients" in self.rounds[r]), default=0),
             "wall_s": round(time.time() - self.start, 3),
             "client_epsilon": dict(sorted(self.client_epsilon.items())),
+            "epsilon_by_accountant": self.epsilon_by_accountant(),
             **extra,
         }
         self.write()
         return self.final
+
+    def epsilon_by_accountant(self) -> dict[str, float | None]:
+        """The federation's epsilon (max over clients) recomputed from the ledger."""
+        if not self.ledger.entries:
+            return {}
+        return {a: max(self.ledger.epsilons(a).values()) for a in ACCOUNTANTS}
 
     def payload(self) -> dict[str, Any]:
         return {
             "config": self.config,
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
             "final": self.final,
+            "privacy_ledger": self.ledger.to_dict(),
         }
 
     def write(self) -> None:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from fedlora.config import compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
+from fedlora.plots import plot_epsilon
 from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
 from fedlora.training import evaluate, tokenize
@@ -66,6 +67,9 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
     adapter_dir = Path(run_dir) / "adapter"
     bundle.model.save_pretrained(str(adapter_dir))
     (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
+    if recorder.ledger.entries:
+        plot_epsilon(recorder.ledger, Path(run_dir) / "epsilon.png", str(privacy.accountant),
+                     float(privacy.target_epsilon))
     return recorder.finalize(
         num_clients=int(fed.num_clients),
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),

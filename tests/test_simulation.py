@@ -75,6 +75,22 @@ def test_adapter_reloads_with_peft_and_gives_the_reported_accuracy(run_dir):
     assert not torch.equal(model.base_model.model.classifier.modules_to_save["default"].weight, fresh_head)
 
 
+def test_ledger_recomputes_the_reported_epsilon_and_plot_exists(run_dir, capsys):
+    from fedlora.privacy.ledger import PrivacyLedger
+    from fedlora.privacy.report import main as report_main
+
+    res = json.loads((run_dir / "results.json").read_text())
+    ledger = PrivacyLedger.from_dict(res["privacy_ledger"])
+    assert len(ledger.entries) == 4  # 2 clients x 2 rounds
+    for cid, eps in res["final"]["client_epsilon"].items():
+        assert ledger.epsilon(cid, res["config"]["privacy"]["accountant"]) == pytest.approx(eps, rel=1e-9)
+    by_acc = res["final"]["epsilon_by_accountant"]
+    assert by_acc["rdp"] == pytest.approx(res["final"]["epsilon"]) and by_acc["prv"] < by_acc["rdp"]
+    assert (run_dir / "epsilon.png").stat().st_size > 1000
+    assert report_main(["--run-dir", str(run_dir)]) == 0
+    assert "| 0 | 2 |" in capsys.readouterr().out
+
+
 def test_no_ray_process_left_behind(run_dir):
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     leftovers = [line for line in out.splitlines() if "raylet" in line or "gcs_server" in line]

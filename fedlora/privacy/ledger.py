@@ -1,0 +1,74 @@
+"""A plain per-client privacy ledger: what each client actually used, round by round.
+
+Like Opacus's accountant history, every entry is ``(noise_multiplier, sample_rate,
+steps)`` plus who, when, the privacy unit and delta: enough for anyone to recompute
+epsilon with any accountant (``epsilon_from_history``), nothing that must be trusted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fedlora.privacy.accounting import epsilon_from_history
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    client: str
+    round: int
+    unit: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+
+
+class PrivacyLedger:
+    def __init__(self, entries: list[LedgerEntry] | None = None) -> None:
+        self.entries: list[LedgerEntry] = list(entries or [])
+
+    def add(self, entry: LedgerEntry) -> None:
+        self.entries.append(entry)
+
+    def clients(self) -> list[str]:
+        return sorted({e.client for e in self.entries}, key=_natural)
+
+    def history(self, client: str, up_to_round: int | None = None) -> list[tuple[float, float, int]]:
+        return [
+            (e.noise_multiplier, e.sample_rate, e.steps)
+            for e in self.entries
+            if e.client == client and (up_to_round is None or e.round <= up_to_round)
+        ]
+
+    def delta(self, client: str) -> float:
+        return max(e.delta for e in self.entries if e.client == client)
+
+    def epsilon(self, client: str, accountant: str = "rdp", up_to_round: int | None = None) -> float:
+        return epsilon_from_history(self.history(client, up_to_round), self.delta(client), accountant)
+
+    def epsilons(self, accountant: str = "rdp") -> dict[str, float]:
+        return {c: self.epsilon(c, accountant) for c in self.clients()}
+
+    def epsilon_by_round(self, accountant: str = "rdp") -> dict[str, dict[int, float]]:
+        """Each client's cumulative epsilon after every round it took part in."""
+        rounds: dict[str, list[int]] = defaultdict(list)
+        for e in self.entries:
+            rounds[e.client].append(e.round)
+        return {
+            c: {r: self.epsilon(c, accountant, r) for r in sorted(set(rounds[c]))} for c in self.clients()
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": [asdict(e) for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "PrivacyLedger":
+        return cls([LedgerEntry(**e) for e in payload.get("entries", [])])
+
+
+def _natural(value: str) -> tuple:
+    return (0, int(value), "") if value.isdigit() else (1, 0, value)
