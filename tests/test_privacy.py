@@ -65,6 +65,13 @@ def test_bad_budget(change, setting):
     assert err.value.setting == setting
 
 
+def test_delta_must_be_below_one_over_client_size():
+    with pytest.raises(ConfigError, match="1/n") as err:
+        plan_sample_dp(900, TRAIN, OmegaConf.merge(PRIV, {"delta": 1 / 900}), 2)
+    assert err.value.setting == "privacy.delta"
+    plan_sample_dp(900, TRAIN, OmegaConf.merge(PRIV, {"delta": 1e-4}), 2)
+
+
 def test_empty_history_is_zero():
     assert epsilon_from_history([], 1e-5) == 0.0
     assert np.isfinite(epsilon_from_history([(1.0, 0.1, 10)], 1e-5, "prv"))

@@ -91,6 +91,13 @@ def plan_sample_dp(num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: 
     """Sample-level DP-SGD plan for a client holding ``num_examples`` training rows."""
     eps, delta = float(privacy_cfg.target_epsilon), float(privacy_cfg.delta)
     check_budget(eps, delta)
+    if delta >= 1.0 / num_examples:
+        # delta >= 1/n admits mechanisms that publish a whole record outright.
+        raise ConfigError(
+            "privacy.delta",
+            f"delta={delta} is not below 1/n = 1/{num_examples} for a client holding "
+            f"{num_examples} examples; use a smaller delta (e.g. {0.1 / num_examples:.1e})",
+        )
     if int(train_cfg.batch_size) < 1:
         raise ConfigError("train.batch_size", f"must be >= 1, got {train_cfg.batch_size}")
     if float(privacy_cfg.max_grad_norm) <= 0:
