@@ -10,6 +10,7 @@ Writes into the Hydra run directory: ``results.json``, ``config.yaml`` (resolved
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -66,12 +67,7 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
             else "no DP"
         )
     )
-    final: dict[str, Any] = {}
-
-    def echo(line: str) -> None:
-        _echo(line)
-
-    server_app = make_server_app(cfg, run_dir, echo=echo)
+    server_app = make_server_app(cfg, run_dir, echo=_echo)
     client_app = make_client_app(cfg)
     res = fed.client_resources
     run_simulation(
@@ -87,8 +83,6 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
             },
         },
     )
-    import json
-
     results = json.loads((run_dir / "results.json").read_text())
     final = results.get("final") or {}
     if not final:
