@@ -22,6 +22,7 @@ from fedlora.config import plain_config, seed_for
 from fedlora.data import TaskData, client_split, partition_indices
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, probe_parts, set_arrays, subtract
+from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
 from fedlora.training import TrainStats, embed_all, evaluate, tokenize, train_dp, train_plain, train_probe
@@ -48,10 +49,11 @@ def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: 
     )
 
 
-def client_plan(cfg: Any, num_examples: int) -> DPPlan | None:
+def client_plan(cfg: Any, num_examples: int, partition_id: int = 0) -> DPPlan | None:
     if cfg.privacy.unit != "sample":
         return None
-    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds))
+    eps = client_epsilon(cfg.privacy, partition_id, int(cfg.federation.num_clients))
+    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds), eps)
 
 
 class LoRAClient(NumPyClient):
@@ -110,8 +112,23 @@ class LoRAClient(NumPyClient):
         seed = seed_for(cfg.seed, self.partition_id, server_round)
         torch.manual_seed(seed)  # DP noise is drawn from the global generator
         generator = torch.Generator().manual_seed(seed)
-        plan = client_plan(cfg, len(data))
+        plan = client_plan(cfg, len(data), self.partition_id)
         metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit}
+        if plan is not None:
+            next_history = self.history() + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+            if epsilon_from_history(next_history, plan.delta, plan.accountant) > plan.target_epsilon:
+                # Never spend past the budget: decline with a reply, train nothing.
+                spent = epsilon_from_history(self.history(), plan.delta, plan.accountant)
+                metrics.update(
+                    declined=True,
+                    reason=f"privacy budget: eps {spent:.4f} spent of {plan.target_epsilon:g}; "
+                    "another round would exceed it",
+                    epsilon=spent,
+                    budget_epsilon=plan.target_epsilon,
+                    delta=plan.delta,
+                    steps=0,
+                )
+                return [np.zeros_like(np.asarray(p)) for p in parameters], 0, metrics
         n_probe = probe_steps(cfg.train)
         probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
         if n_probe:
@@ -132,6 +149,7 @@ class LoRAClient(NumPyClient):
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=plan.max_grad_norm,
                 accountant=plan.accountant,
+                budget_epsilon=plan.target_epsilon,
                 total_steps=int(sum(h[2] for h in self.history())),
             )
         metrics.update(

@@ -16,6 +16,7 @@ from fedlora.data import TaskData
 from fedlora.data.sources import load_task_data_cached
 from fedlora.errors import ConfigError
 from fedlora.privacy import DPPlan
+from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import check_budget
 from fedlora.runtime import get_bundle
 
@@ -73,6 +74,7 @@ def check_federation(cfg: Any) -> None:
         raise ConfigError("privacy", f"unknown privacy unit {unit!r}; choose one of {PRIVACY_UNITS}")
     if unit != "none":
         check_budget(float(cfg.privacy.target_epsilon), float(cfg.privacy.delta))
+        check_budgets(cfg.privacy, n)
 
 
 def preflight(cfg: Any) -> Preflight:
@@ -83,7 +85,7 @@ def preflight(cfg: Any) -> Preflight:
     for pid in range(n):
         train_idx, _ = client_indices(cfg, task, pid, n)
         sizes.append(len(train_idx))
-        plans.append(client_plan(cfg, len(train_idx)))
+        plans.append(client_plan(cfg, len(train_idx), pid))
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
     get_bundle(cfg, task.num_labels)
     return Preflight(task=task, client_sizes=sizes, plans=plans)

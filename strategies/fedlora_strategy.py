@@ -33,12 +33,23 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
 from strategies.aggregators import get_aggregator
 from strategies.validation import flatten, unflatten, validate_update
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
+
+
+class _Excluding(Criterion):
+    """Sample only clients not in ``excluded`` (e.g. those whose budget is spent)."""
+
+    def __init__(self, excluded: set[str]) -> None:
+        self.excluded = excluded
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.cid not in self.excluded
 
 
 def failure_reason(failure: Any, limit: int = 400) -> str:
@@ -102,6 +113,8 @@ class FedLoRAStrategy(Strategy):
         self.min_available_clients = int(min_available_clients)
         self.evaluate_fn = evaluate_fn
         self.recorder = recorder
+        # Clients that declined because another round would exceed their privacy budget.
+        self.exhausted: set[str] = set()
 
     def __repr__(self) -> str:
         return (
@@ -122,8 +135,15 @@ class FedLoRAStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.global_arrays = [a.astype(np.float32) for a in parameters_to_ndarrays(parameters)]
-        n = self._num(self.fraction_fit, self.min_fit_clients, client_manager.num_available())
-        clients = client_manager.sample(num_clients=n, min_num_clients=self.min_available_clients)
+        eligible = client_manager.num_available() - len(self.exhausted)
+        n = self._num(self.fraction_fit, self.min_fit_clients, eligible)
+        if n > eligible:
+            log(WARNING, "round %s: %s clients with budget left, fewer than the %s needed; no training",
+                server_round, eligible, n)
+            return []
+        clients = client_manager.sample(
+            num_clients=n, min_num_clients=self.min_available_clients, criterion=_Excluding(self.exhausted)
+        )
         ins = FitIns(parameters, {"server_round": server_round})
         return [(c, ins) for c in clients]
 
@@ -148,8 +168,15 @@ class FedLoRAStrategy(Strategy):
         rejected: list[dict[str, Any]] = []
         accepted: list[tuple[list[np.ndarray], int]] = []
         for proxy, res in results:
-            arrays = parameters_to_ndarrays(res.parameters)
             info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics}
+            if res.metrics.get("declined"):
+                self.exhausted.add(proxy.cid)
+                info["accepted"] = False
+                clients.append(info)
+                log(INFO, "round %s: client %s declined (%s); no longer sampled", server_round,
+                    info["cid"], res.metrics.get("reason"))
+                continue
+            arrays = parameters_to_ndarrays(res.parameters)
             reason = validate_update(arrays, self.global_arrays)
             if reason is None and res.num_examples <= 0:
                 reason = f"num_examples must be positive, got {res.num_examples}"

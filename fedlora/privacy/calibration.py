@@ -87,9 +87,15 @@ def _noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant
     )
 
 
-def plan_sample_dp(num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: int) -> DPPlan:
-    """Sample-level DP-SGD plan for a client holding ``num_examples`` training rows."""
-    eps, delta = float(privacy_cfg.target_epsilon), float(privacy_cfg.delta)
+def plan_sample_dp(
+    num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: int, target_epsilon: float | None = None
+) -> DPPlan:
+    """Sample-level DP-SGD plan for a client holding ``num_examples`` training rows.
+
+    ``target_epsilon`` is the client's own budget (default ``privacy.target_epsilon``).
+    """
+    eps = float(privacy_cfg.target_epsilon if target_epsilon is None else target_epsilon)
+    delta = float(privacy_cfg.delta)
     check_budget(eps, delta)
     if delta >= 1.0 / num_examples:
         # delta >= 1/n admits mechanisms that publish a whole record outright.

@@ -1,0 +1,61 @@
+"""Per-client (personalized) privacy budgets.
+
+Data holders may want different guarantees (Boenisch et al. 2023, "Have it your way:
+Individualized Privacy Assignment for DP-SGD"): a default budget plus overrides by
+client id, or a seeded fraction of clients with another epsilon ("30% of clients have
+epsilon=2"). Each client calibrates its own noise for its own budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedlora.errors import ConfigError
+
+
+def _budgets_cfg(privacy_cfg: Any) -> Any:
+    return privacy_cfg.get("budgets") or {}
+
+
+def fraction_clients(privacy_cfg: Any, num_clients: int) -> set[int]:
+    """The seeded set of clients that get ``budgets.fraction_epsilon``."""
+    b = _budgets_cfg(privacy_cfg)
+    fraction = b.get("fraction")
+    if not fraction:
+        return set()
+    if not 0 < float(fraction) <= 1:
+        raise ConfigError("privacy.budgets.fraction", f"must lie in (0, 1], got {fraction}")
+    if b.get("fraction_epsilon") is None:
+        raise ConfigError("privacy.budgets.fraction_epsilon", "set it together with privacy.budgets.fraction")
+    k = int(round(float(fraction) * num_clients))
+    rng = np.random.default_rng(int(b.get("seed") or 0))
+    return {int(i) for i in rng.choice(num_clients, size=k, replace=False)}
+
+
+def client_epsilon(privacy_cfg: Any, client: int, num_clients: int) -> float:
+    """Target epsilon of ``client``: id override, else seeded fraction, else the default."""
+    b = _budgets_cfg(privacy_cfg)
+    overrides = {str(k): v for k, v in dict(b.get("overrides") or {}).items()}
+    if str(client) in overrides:
+        return float(overrides[str(client)])
+    if client in fraction_clients(privacy_cfg, num_clients):
+        return float(b["fraction_epsilon"])
+    return float(privacy_cfg.target_epsilon)
+
+
+def check_budgets(privacy_cfg: Any, num_clients: int) -> None:
+    """Overrides must name existing clients and positive epsilons."""
+    b = _budgets_cfg(privacy_cfg)
+    for key, eps in dict(b.get("overrides") or {}).items():
+        if not str(key).isdigit() or int(key) >= num_clients:
+            raise ConfigError(
+                "privacy.budgets.overrides",
+                f"client {key!r} does not exist; client ids are 0..{num_clients - 1}",
+            )
+        if not float(eps) > 0:
+            raise ConfigError("privacy.budgets.overrides", f"client {key}: epsilon must be > 0, got {eps}")
+    if b.get("fraction_epsilon") is not None and not float(b["fraction_epsilon"]) > 0:
+        raise ConfigError("privacy.budgets.fraction_epsilon", f"must be > 0, got {b['fraction_epsilon']}")
+    fraction_clients(privacy_cfg, num_clients)
