@@ -10,6 +10,7 @@ wrapper can be built once per process and reused across rounds and clients.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -92,13 +93,12 @@ def clip_batch_gradient(params, max_norm: float | None) -> None:
 
 
 def _step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, trim: bool = True, clip: float | None = None
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, clip: float | None = None
 ) -> tuple[float, int]:
     input_ids, mask, labels = batch
     if len(labels) == 0:
         return 0.0, 0
-    if trim:
-        input_ids, mask = _trim(input_ids, mask)
+    input_ids, mask = _trim(input_ids, mask)
     out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     if clip:
@@ -108,14 +108,14 @@ def _step(
     return float(out.loss.detach()) * len(labels), len(labels)
 
 
-def _run_steps(model, optimizer, loader, steps: int, trim: bool = True, clip: float | None = None) -> TrainStats:
+def _run_steps(model, optimizer, loader, steps: int, clip: float | None = None) -> TrainStats:
     model.train()
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
         for batch in loader:
             # An empty Poisson batch is still a step: the accountant counts it, which
             # can only over-state epsilon, never under-state it.
-            loss, n = _step(model, optimizer, batch, trim, clip)
+            loss, n = _step(model, optimizer, batch, clip)
             loss_sum, seen, done = loss_sum + loss, seen + n, done + 1
             if done >= steps:
                 break
@@ -168,8 +168,6 @@ def _autocast(precision: str):
     Only evaluation and probe features use it: DP-SGD's per-sample gradients, clipping
     and noise stay in fp32.
     """
-    import contextlib
-
     if precision == "bf16" or (precision == "auto" and _bf16_supported()):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -216,11 +214,8 @@ def train_probe(
     as ``grad_sample`` (clipping and noise are Opacus's). A second GradSampleModule on
     the head would collide with the model-wide one that wraps the same parameters.
     """
-    cfg = {"optimizer": "sgd", "lr": train_cfg.head_lr if train_cfg.head_lr is not None else train_cfg.lr,
-           "momentum": train_cfg.momentum, "weight_decay": 0.0, "head_lr": None}
-    from omegaconf import OmegaConf
-
-    optimizer = make_optimizer(head, OmegaConf.create(cfg))
+    lr = train_cfg.head_lr if train_cfg.head_lr is not None else train_cfg.lr
+    optimizer = torch.optim.SGD(head.parameters(), lr=float(lr), momentum=float(train_cfg.momentum))
     data = TensorDataset(features, labels)
     if plan is None:
         loader = DataLoader(data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True,
