@@ -18,16 +18,19 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.client import NumPyClient
 
+from fedlora.attacks import COLLUDING, MODEL_POISONING, alie_z, flip_labels, malicious_clients, poison_delta
 from fedlora.config import plain_config, seed_for
 from fedlora.data import TaskData, client_split, partition_indices
 from fedlora.data.sources import load_task_data_cached
-from fedlora.lora import get_arrays, probe_parts, set_arrays, subtract
+from fedlora.lora import flatten, get_arrays, probe_parts, set_arrays, subtract, unflatten
+from fedlora.privacy.calibration import clients_per_round
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
 from fedlora.training import TrainStats, embed_all, evaluate, tokenize, train_dp, train_plain, train_probe
 
 DP_STATE = "dp_history"
+ATTACK_SALT = 0xA77AC
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,19 +67,77 @@ class LoRAClient(NumPyClient):
         self.partition_id = partition_id
         self.state = context.state
         self.task = load_task_data_cached(cfg.data, int(cfg.seed))
+        self.num_partitions = num_partitions
         self.train_idx, self.val_idx = client_indices(cfg, self.task, partition_id, num_partitions)
+        self.attack = str(cfg.attack.name)
+        self.colluders = malicious_clients(cfg.attack, int(cfg.federation.num_clients))
+        self.malicious = partition_id in self.colluders
 
     # -- helpers ---------------------------------------------------------------
     def _bundle(self) -> ModelBundle:
         return get_bundle(self.cfg, self.task.num_labels)
 
-    def _data(self, bundle: ModelBundle, split: str):
-        idx = self.train_idx if split == "train" else self.val_idx
-        return cached_shard(
-            bundle,
-            (split, self.partition_id),
-            lambda: tokenize(self.task.train.select(idx), bundle.tokenizer, self.cfg.model.max_length),
-        )
+    def _data(self, bundle: ModelBundle, split: str, partition_id: int | None = None):
+        pid = self.partition_id if partition_id is None else partition_id
+        if pid == self.partition_id:
+            idx = self.train_idx if split == "train" else self.val_idx
+        else:
+            idx = client_indices(self.cfg, self.task, pid, self.num_partitions)[0 if split == "train" else 1]
+        flip = split == "train" and self.attack == "label_flip" and pid in self.colluders
+        return cached_shard(bundle, (split, pid, flip), lambda: self._tokenize(bundle, idx, flip))
+
+    def _tokenize(self, bundle: ModelBundle, idx, flip: bool):
+        rows = self.task.train.select(idx)
+        if flip:  # data poisoning: the malicious client trains on flipped labels
+            flipped = flip_labels(np.asarray(rows["label"]), self.task.num_labels)
+            rows = rows.remove_columns("label").add_column("label", flipped.tolist())
+        return tokenize(rows, bundle.tokenizer, self.cfg.model.max_length)
+
+    def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, generator: torch.Generator):
+        """One round of local training from the loaded global adapter: optional linear
+        probe, then the fine-tuning steps (DP-SGD when ``plan`` is set)."""
+        cfg = self.cfg
+        n_probe = probe_steps(cfg.train)
+        probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
+        if n_probe:
+            # Linear probing on the current adapter's features, then fine-tuning.
+            embed, head = probe_parts(bundle.model)
+            features = embed_all(embed, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
+            probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, generator)
+        n_tune = local_steps(len(data), cfg.train)
+        if plan is None:
+            stats = train_plain(bundle.model, data, cfg.train, n_tune, generator)
+        else:
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, generator)
+        return probe, stats
+
+    def _colluders_honest_deltas(self, bundle: ModelBundle, parameters, own: np.ndarray, server_round: int):
+        """ALIE / IPM: the colluders' honest deltas, trained on each colluder's shard from
+        the same global adapter (the attackers pool their own data, nobody else's)."""
+        rows = []
+        for pid in self.colluders:
+            if pid == self.partition_id:
+                rows.append(own)
+                continue
+            set_arrays(bundle.model, bundle.names, parameters)
+            data = self._data(bundle, "train", pid)
+            seed = seed_for(self.cfg.seed, pid, server_round)
+            torch.manual_seed(seed)
+            self._train(bundle, data, client_plan(self.cfg, len(data), pid), torch.Generator().manual_seed(seed))
+            rows.append(flatten(subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])))
+        return np.stack(rows)
+
+    def _poison(self, bundle: ModelBundle, parameters, delta: list[np.ndarray], server_round: int):
+        cfg = self.cfg
+        flat = flatten(delta)
+        honest = None
+        params = dict(cfg.attack)
+        if self.attack in COLLUDING:
+            honest = self._colluders_honest_deltas(bundle, parameters, flat, server_round)
+            if self.attack == "alie" and params.get("z") is None:
+                params["z"] = alie_z(clients_per_round(cfg), len(self.colluders))
+        rng = np.random.default_rng(seed_for(cfg.seed, self.partition_id, server_round, ATTACK_SALT))
+        return unflatten(poison_delta(self.attack, flat, params, rng, honest), delta)
 
     def history(self) -> list[tuple[float, float, int]]:
         if DP_STATE not in self.state:
@@ -129,18 +190,8 @@ class LoRAClient(NumPyClient):
                     steps=0,
                 )
                 return [np.zeros_like(np.asarray(p)) for p in parameters], 0, metrics
-        n_probe = probe_steps(cfg.train)
-        probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
-        if n_probe:
-            # Linear probing on the current adapter's features, then fine-tuning.
-            embed, head = probe_parts(bundle.model)
-            features = embed_all(embed, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
-            probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, generator)
-        n_tune = local_steps(len(data), cfg.train)
-        if plan is None:
-            stats = train_plain(bundle.model, data, cfg.train, n_tune, generator)
-        else:
-            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, generator)
+        probe, stats = self._train(bundle, data, plan, generator)
+        if plan is not None:
             self._append_history(plan.noise_multiplier, plan.sample_rate, probe.steps + stats.steps, server_round)
             metrics.update(
                 epsilon=epsilon_from_history(self.history(), plan.delta, plan.accountant),
@@ -159,6 +210,11 @@ class LoRAClient(NumPyClient):
             num_examples=len(data),
         )
         delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
+        if self.malicious:
+            metrics["attack"] = self.attack
+            if self.attack in MODEL_POISONING:
+                delta = self._poison(bundle, parameters, delta, server_round)
+        metrics["update_norm"] = float(np.linalg.norm(flatten(delta)))
         return delta, len(data), metrics
 
     def evaluate(self, parameters, config):

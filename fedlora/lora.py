@@ -100,3 +100,17 @@ def probe_parts(model: PeftModel) -> tuple[Any, torch.nn.Module]:
     head = inner.classifier
     head = head.modules_to_save[model.active_adapter] if hasattr(head, "modules_to_save") else head
     return inner.embed, head
+
+
+def flatten(arrays: list[np.ndarray]) -> np.ndarray:
+    """The tensors as one float32 vector (the row an aggregator sees)."""
+    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
+
+
+def unflatten(vector: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    """Split a flat vector back into tensors shaped (and typed) like ``like``."""
+    out, offset = [], 0
+    for ref in like:
+        out.append(vector[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype))
+        offset += ref.size
+    return out

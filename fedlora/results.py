@@ -13,9 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.privacy.ledger import ACCOUNTANTS, LedgerEntry, PrivacyLedger
+from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 
 PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
+# Sample-level: each client holds its own guarantee and the federation reports the
+# worst; client-level: one guarantee covers every client.
+EPSILON_SCOPE = {"sample": "max over clients", "client": "every client"}
+
+
+def epsilon_text(epsilon: float | None, delta: float | None, unit: str) -> str:
+    """An epsilon as it must always be shown: with its delta and its privacy unit."""
+    if unit == "none":
+        return "no DP (epsilon = infinity)"
+    if epsilon is None:
+        return f"eps n/a ({PRIVACY_UNIT_LABEL[unit]})"
+    return f"eps {epsilon:.3f} (delta={delta:g}, {PRIVACY_UNIT_LABEL[unit]}, {EPSILON_SCOPE[unit]})"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -49,6 +61,7 @@ class RunRecorder:
         privacy_unit: str,
         delta: float | None,
         num_rounds: int,
+        accountant: str = "rdp",
         echo=print,
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -58,23 +71,59 @@ class RunRecorder:
         self.privacy_unit = privacy_unit
         self.delta = delta
         self.num_rounds = num_rounds
+        self.accountant = accountant
         self.echo = echo
         self.rounds: dict[int, dict[str, Any]] = {}
         self.client_epsilon: dict[str, float] = {}
         self.ledger = PrivacyLedger()
         self.final: dict[str, Any] | None = None
+        # Which clients were malicious and how (robustness experiments), for auditing.
+        self.attack: dict[str, Any] = {"name": "none", "clients": []}
         self.start = time.time()
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
 
     def epsilon(self) -> float | None:
-        """The federation's epsilon: the largest over clients (each holds its own)."""
+        """The federation's epsilon in its unit: sample-level, the largest over clients
+        (each holds its own); client-level, the server's guarantee for every client."""
+        if self.privacy_unit == "client":
+            if not self.ledger.entries:
+                return None
+            return self.ledger.epsilon(EVERY_CLIENT, self.accountant)
         if self.privacy_unit == "none" or not self.client_epsilon:
             return None
         return max(self.client_epsilon.values())
 
-    def on_fit(self, server_round: int, clients: list[dict], rejected: list[dict], agg_s: float) -> None:
+    def on_client_dp(self, server_round: int, plan: Any, clipped: int) -> None:
+        """One round of the server's client-level Gaussian mechanism, for every client."""
+        self.ledger.add(
+            LedgerEntry(
+                client=EVERY_CLIENT,
+                round=int(server_round),
+                unit="client",
+                noise_multiplier=float(plan.noise_multiplier),
+                sample_rate=float(plan.sample_rate),
+                steps=1,
+                delta=float(plan.delta),
+            )
+        )
+        rec = self._round(server_round)
+        rec["client_dp"] = {
+            "clipping_norm": plan.clipping_norm,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "clipped_updates": clipped,
+        }
+
+    def on_fit(
+        self,
+        server_round: int,
+        clients: list[dict],
+        rejected: list[dict],
+        agg_s: float,
+        aggregation_error: str | None = None,
+    ) -> None:
         for info in clients:
             # A client that trained spent budget whether or not its update was accepted.
             if info.get("noise_multiplier") is not None:
@@ -97,12 +146,15 @@ class RunRecorder:
         rec["num_accepted"] = sum(bool(c.get("accepted")) for c in clients)
         rec["num_rejected"] = len(rejected)
         rec["aggregation_s"] = agg_s
+        if aggregation_error:
+            rec["aggregation_error"] = aggregation_error
 
     def on_evaluate(self, server_round: int, loss: float, metrics: dict[str, Any]) -> None:
         rec = self._round(server_round)
         rec["loss"] = _finite(float(loss))
         rec["accuracy"] = _finite(float(metrics.get("accuracy", math.nan)))
         rec["epsilon"] = self.epsilon()
+        rec["privacy_unit"] = PRIVACY_UNIT_LABEL[self.privacy_unit]
         rec["elapsed_s"] = round(time.time() - self.start, 3)
         self.echo(self._progress_line(rec))
         self.write()
@@ -113,11 +165,7 @@ class RunRecorder:
         self.write()
 
     def eps_text(self, epsilon: float | None) -> str:
-        if self.privacy_unit == "none":
-            return "no DP"
-        if epsilon is None:
-            return f"eps n/a ({PRIVACY_UNIT_LABEL[self.privacy_unit]})"
-        return f"eps {epsilon:.3f} (delta={self.delta:g}, {PRIVACY_UNIT_LABEL[self.privacy_unit]}, max over clients)"
+        return epsilon_text(epsilon, self.delta, self.privacy_unit)
 
     def _progress_line(self, rec: dict[str, Any]) -> str:
         acc = rec.get("accuracy")
@@ -157,6 +205,7 @@ class RunRecorder:
             "config": self.config,
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
             "final": self.final,
+            "attack": self.attack,
             "privacy_ledger": self.ledger.to_dict(),
         }
 

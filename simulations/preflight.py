@@ -17,10 +17,14 @@ from fedlora.data.sources import load_task_data_cached
 from fedlora.errors import ConfigError
 from fedlora.privacy import DPPlan
 from fedlora.privacy.budgets import check_budgets
-from fedlora.privacy.calibration import check_budget
+from fedlora.privacy.calibration import ClientDPPlan, check_budget, client_level_plan
 from fedlora.runtime import get_bundle
+from fedlora.attacks import malicious_clients
+from fedlora.privacy.calibration import clients_per_round
+from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
+from strategies.server_app import aggregator_name, aggregator_params
 
-PRIVACY_UNITS = ("none", "sample")
+PRIVACY_UNITS = ("none", "sample", "client")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Preflight:
     task: TaskData
     client_sizes: list[int]
     plans: list[DPPlan | None]
+    client_dp: ClientDPPlan | None = None
 
 
 def backend_cpus(cfg: Any) -> int:
@@ -74,7 +79,53 @@ def check_federation(cfg: Any) -> None:
         raise ConfigError("privacy", f"unknown privacy unit {unit!r}; choose one of {PRIVACY_UNITS}")
     if unit != "none":
         check_budget(float(cfg.privacy.target_epsilon), float(cfg.privacy.delta))
+    if unit == "sample":
         check_budgets(cfg.privacy, n)
+    if unit == "client":
+        check_client_dp_aggregator(aggregator_name(cfg.strategy))
+    check_aggregator(cfg)
+    malicious_clients(cfg.attack, n)
+
+
+def check_aggregator(cfg: Any) -> None:
+    """The rule exists and its preconditions hold for the clients sampled per round."""
+    name = aggregator_name(cfg.strategy)
+    try:
+        get_aggregator(name)
+    except (KeyError, ImportError, AttributeError) as err:
+        raise ConfigError("strategy.aggregator", str(err).strip("'\"")) from err
+    bound = cfg.strategy.get("norm_bound")
+    if bound is not None and not float(bound) > 0:
+        raise ConfigError("strategy.norm_bound", f"must be > 0 (or null), got {bound}")
+    if name not in AGGREGATORS:
+        return  # a user's rule: its own checks run when it is called
+    params = aggregator_params(cfg.strategy)
+    params.setdefault("num_malicious", int(cfg.strategy.get("num_malicious") or 0))
+    n = clients_per_round(cfg)
+    try:
+        check_params(name, n, **params)
+    except ValueError as err:
+        raise ConfigError(
+            "strategy", f"{name} with {n} clients per round: {err}; sample more clients per round "
+            "(federation.num_clients / federation.fraction_fit) or lower strategy.num_malicious"
+        ) from err
+
+
+def check_client_dp_aggregator(name: str) -> None:
+    """Client-level DP needs a bounded sensitivity of the aggregate to one client."""
+    try:
+        fn = get_aggregator(name)
+    except (KeyError, ImportError, AttributeError) as err:
+        raise ConfigError("strategy.aggregator", str(err)) from err
+    if not getattr(fn, "client_dp_sensitivity", None):
+        raise ConfigError(
+            "strategy",
+            f"aggregator {name!r} has no sensitivity bound for client-level DP: it selects or "
+            "reweights updates depending on all of them, so one client can move the result by more "
+            "than the clipping norm and the server's noise would not cover it. Use strategy=fedavg "
+            "with privacy=client, or sample-level DP (privacy=sample), under which any aggregator "
+            "is post-processing",
+        )
 
 
 def preflight(cfg: Any) -> Preflight:
@@ -88,4 +139,4 @@ def preflight(cfg: Any) -> Preflight:
         plans.append(client_plan(cfg, len(train_idx), pid))
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
     get_bundle(cfg, task.num_labels)
-    return Preflight(task=task, client_sizes=sizes, plans=plans)
+    return Preflight(task=task, client_sizes=sizes, plans=plans, client_dp=client_level_plan(cfg))

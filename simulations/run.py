@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from fedlora.config import plain_config  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.results import epsilon_text  # noqa: E402
 from simulations.preflight import backend_cpus, preflight  # noqa: E402
 
 log = logging.getLogger("simulations.run")
@@ -64,6 +65,8 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
             f"{max(p.noise_multiplier for p in pre.plans):.3f}, q~{plan.sample_rate:.3f}, "
             f"{plan.steps_per_round} steps/round"
             if plan
+            else client_dp_text(pre.client_dp)
+            if pre.client_dp
             else "no DP"
         )
     )
@@ -91,14 +94,18 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     return final
 
 
+def client_dp_text(plan: Any) -> str:
+    return (
+        f"client-level DP: target eps={plan.target_epsilon}, delta={plan.delta}, noise multiplier "
+        f"{plan.noise_multiplier:.3f}, clipping norm {plan.clipping_norm}, Poisson client sampling "
+        f"q={plan.sample_rate:g} (~{plan.expected_clients:.1f} clients/round)"
+    )
+
+
 def final_line(final: dict[str, Any]) -> str:
     acc = final.get("accuracy")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
-    if final.get("privacy_unit") == "none":
-        privacy = "no DP (epsilon = infinity)"
-    else:
-        unit = "sample-level" if final.get("privacy_unit") == "sample" else "client-level"
-        privacy = f"epsilon = {final['epsilon']:.3f} (delta = {final['delta']:g}, {unit}, max over clients)"
+    privacy = epsilon_text(final.get("epsilon"), final.get("delta"), str(final.get("privacy_unit")))
     return (
         f"FINAL test accuracy = {acc_text} | {privacy} | rounds = {final.get('rounds_completed')} "
         f"| wall time = {final.get('wall_s_total', final.get('wall_s'))}s"

@@ -13,6 +13,7 @@ SecAgg+ workflow runs only there (see design.md).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -36,8 +37,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
-from strategies.aggregators import get_aggregator
-from strategies.validation import flatten, unflatten, validate_update
+from fedlora.privacy.calibration import ClientDPPlan
+from strategies.aggregators import get_aggregator, norm_bound
+from strategies.client_dp import gaussian_fedavg, poisson_sample
+from fedlora.checkpoint import Checkpoint
+from fedlora.lora import flatten, unflatten
+from strategies.validation import validate_update
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
 
@@ -74,6 +79,8 @@ class FedLoRAStrategy(Strategy):
         Name in ``strategies.aggregators`` or a dotted path to a function.
     aggregator_params : dict, optional
         Keyword arguments of the aggregator.
+    norm_bound : float, optional
+        Clip every update to this L2 norm before the aggregator (Sun et al. 2019).
     server_lr : float, default 1.0
         Step size of the server update on the aggregated delta.
     fraction_fit, fraction_evaluate : float
@@ -83,7 +90,17 @@ class FedLoRAStrategy(Strategy):
     evaluate_fn : callable, optional
         Centralized evaluation ``(round, arrays) -> (loss, metrics)`` on the server.
     recorder : object, optional
-        Receives ``on_fit``, ``on_evaluate`` and ``on_federated_evaluate`` per round.
+        Receives ``on_fit``, ``on_evaluate`` and ``on_federated_evaluate`` per round
+        (and ``on_client_dp`` under client-level DP).
+    client_dp : ClientDPPlan, optional
+        Client-level DP (DP-FedAvg): Poisson sampling of clients at the plan's rate,
+        clipping, and Gaussian noise on the sum replace sampling and the aggregator
+        (see :mod:`strategies.client_dp`).
+    noise_seed : int, optional
+        Seed of the server's DP noise; None draws it from the OS.
+    on_round_end : callable, optional
+        Called as ``on_round_end(server_round, strategy)`` after every aggregation
+        (the server app writes its checkpoint there).
     """
 
     def __init__(
@@ -91,6 +108,7 @@ class FedLoRAStrategy(Strategy):
         initial_arrays: list[np.ndarray],
         aggregator: str = "fedavg",
         aggregator_params: dict[str, Any] | None = None,
+        norm_bound: float | None = None,
         server_lr: float = 1.0,
         fraction_fit: float = 1.0,
         fraction_evaluate: float = 1.0,
@@ -99,12 +117,19 @@ class FedLoRAStrategy(Strategy):
         min_available_clients: int = 2,
         evaluate_fn: EvaluateFn | None = None,
         recorder: Any = None,
+        client_dp: ClientDPPlan | None = None,
+        noise_seed: int | None = None,
+        on_round_end: Callable[[int, "FedLoRAStrategy"], None] | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
         self.aggregator_name = aggregator
         self.aggregate = get_aggregator(aggregator)
         self.aggregator_params = dict(aggregator_params or {})
+        self.norm_bound = None if norm_bound is None else float(norm_bound)
+        # Stateful rules (centered clipping) take the previous aggregate as reference.
+        self.reference: np.ndarray | None = None
+        self._takes_reference = "reference" in inspect.signature(self.aggregate).parameters
         self.server_lr = float(server_lr)
         self.fraction_fit = float(fraction_fit)
         self.fraction_evaluate = float(fraction_evaluate)
@@ -113,12 +138,25 @@ class FedLoRAStrategy(Strategy):
         self.min_available_clients = int(min_available_clients)
         self.evaluate_fn = evaluate_fn
         self.recorder = recorder
+        self.client_dp = client_dp
+        self.on_round_end = on_round_end
+        # Server randomness: client sampling and DP noise (OS entropy unless seeded).
+        self.rng = np.random.default_rng(noise_seed)
         # Clients that declined because another round would exceed their privacy budget.
         self.exhausted: set[str] = set()
 
     def __repr__(self) -> str:
+        if self.client_dp is not None:
+            p = self.client_dp
+            return (
+                f"FedLoRAStrategy(client-level DP-FedAvg: Poisson client sampling q={p.sample_rate:g}, "
+                f"clipping_norm={p.clipping_norm:g}, noise_multiplier={p.noise_multiplier:.4f}, "
+                f"target eps={p.target_epsilon:g} delta={p.delta:g} (client-level), server_lr={self.server_lr}, "
+                f"d={sum(a.size for a in self.global_arrays)})"
+            )
         return (
-            f"FedLoRAStrategy(aggregator={self.aggregator_name}, server_lr={self.server_lr}, "
+            f"FedLoRAStrategy(aggregator={self.aggregator_name}{self.aggregator_params or ''}, "
+            f"norm_bound={self.norm_bound}, server_lr={self.server_lr}, "
             f"fraction_fit={self.fraction_fit}, min_fit_clients={self.min_fit_clients}, "
             f"d={sum(a.size for a in self.global_arrays)})"
         )
@@ -134,7 +172,11 @@ class FedLoRAStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        self.global_arrays = [a.astype(np.float32) for a in parameters_to_ndarrays(parameters)]
+        # The strategy's own global adapter is canonical: a client-level DP round in
+        # which nobody was sampled still moves it (by noise), which Flower never sees.
+        ins = FitIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
+        if self.client_dp is not None:
+            return self._configure_poisson(server_round, client_manager, ins)
         eligible = client_manager.num_available() - len(self.exhausted)
         n = self._num(self.fraction_fit, self.min_fit_clients, eligible)
         if n > eligible:
@@ -144,8 +186,18 @@ class FedLoRAStrategy(Strategy):
         clients = client_manager.sample(
             num_clients=n, min_num_clients=self.min_available_clients, criterion=_Excluding(self.exhausted)
         )
-        ins = FitIns(parameters, {"server_round": server_round})
         return [(c, ins) for c in clients]
+
+    def _configure_poisson(
+        self, server_round: int, client_manager: ClientManager, ins: FitIns
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        client_manager.wait_for(self.min_available_clients)
+        pool = client_manager.all()
+        chosen = poisson_sample(sorted(pool), self.client_dp.sample_rate, self.rng)
+        if not chosen:
+            log(INFO, "round %s: Poisson sampling chose no client; releasing noise only", server_round)
+            self._aggregate_client_dp(server_round, self._stack([]), [], [])
+        return [(pool[cid], ins) for cid in chosen]
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -154,7 +206,7 @@ class FedLoRAStrategy(Strategy):
             return []
         n = self._num(self.fraction_evaluate, self.min_evaluate_clients, client_manager.num_available())
         clients = client_manager.sample(num_clients=n, min_num_clients=self.min_available_clients)
-        ins = EvaluateIns(parameters, {"server_round": server_round})
+        ins = EvaluateIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
         return [(c, ins) for c in clients]
 
     # -- aggregation ---------------------------------------------------------------
@@ -193,26 +245,92 @@ class FedLoRAStrategy(Strategy):
             rejected.append({"cid": None, "accepted": False, "reason": reason})
             log(WARNING, "round %s: client failure: %s", server_round, reason)
 
+        if self.client_dp is not None:
+            return self._aggregate_client_dp(server_round, self._stack(accepted), clients, rejected)
         agg_seconds = 0.0
         new_params: Parameters | None = None
+        error = None
         if accepted:
-            d = sum(a.size for a in self.global_arrays)
-            updates = np.empty((len(accepted), d), dtype=np.float32)
-            for row, (arrays, _) in enumerate(accepted):
-                updates[row] = flatten(arrays)
+            updates = self._stack(accepted)
             weights = np.asarray([n for _, n in accepted], dtype=np.float64)
             start = time.perf_counter()
-            aggregate = self.aggregate(updates, weights, **self.aggregator_params)
-            agg_seconds = time.perf_counter() - start
-            step = unflatten(self.server_lr * aggregate, self.global_arrays)
-            self.global_arrays = [g + s for g, s in zip(self.global_arrays, step)]
-            new_params = ndarrays_to_parameters(self.global_arrays)
+            try:
+                aggregate = self._robust_aggregate(updates, weights)
+            except ValueError as err:
+                # E.g. Krum given fewer updates than n >= 2f + 3: fail the round, not the run.
+                error = f"aggregator {self.aggregator_name} failed on {len(accepted)} updates: {err}"
+                log(WARNING, "round %s: %s; the global adapter is unchanged", server_round, error)
+            else:
+                agg_seconds = time.perf_counter() - start
+                new_params = self._step(aggregate)
         else:
             log(WARNING, "round %s: no valid update; the global adapter is unchanged", server_round)
         if self.recorder is not None:
-            self.recorder.on_fit(server_round, clients, rejected, agg_seconds)
+            self.recorder.on_fit(server_round, clients, rejected, agg_seconds, aggregation_error=error)
         metrics = {"accepted": len(accepted), "rejected": len(rejected), "aggregation_s": agg_seconds}
+        if error:
+            metrics["aggregation_error"] = error
+        self._end_round(server_round)
         return new_params, metrics
+
+    def _robust_aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        if self.norm_bound is not None:
+            updates = norm_bound(updates, self.norm_bound)
+        params = dict(self.aggregator_params)
+        if self._takes_reference:
+            params["reference"] = self.reference
+        aggregate = self.aggregate(updates, weights, **params)
+        if self._takes_reference:
+            self.reference = np.asarray(aggregate, dtype=np.float32).copy()
+        return aggregate
+
+    def _stack(self, accepted: list[tuple[list[np.ndarray], int]]) -> np.ndarray:
+        d = sum(a.size for a in self.global_arrays)
+        updates = np.empty((len(accepted), d), dtype=np.float32)
+        for row, (arrays, _) in enumerate(accepted):
+            updates[row] = flatten(arrays)
+        return updates
+
+    def _step(self, aggregate: np.ndarray) -> Parameters:
+        step = unflatten(self.server_lr * aggregate, self.global_arrays)
+        self.global_arrays = [g + s for g, s in zip(self.global_arrays, step)]
+        return ndarrays_to_parameters(self.global_arrays)
+
+    def _aggregate_client_dp(
+        self, server_round: int, updates: np.ndarray, clients: list[dict], rejected: list[dict]
+    ) -> tuple[Parameters, dict[str, Scalar]]:
+        """One release of the client-level Gaussian mechanism, even with no update."""
+        plan = self.client_dp
+        start = time.perf_counter()
+        release = gaussian_fedavg(updates, plan.clipping_norm, plan.noise_multiplier, plan.expected_clients, self.rng)
+        agg_seconds = time.perf_counter() - start
+        new_params = self._step(release.aggregate)
+        log(INFO, "round %s: client-level DP-FedAvg over %s clients (%s clipped), noise std on the mean %.3g",
+            server_round, release.num_clients, release.clipped, release.noise_std)
+        if self.recorder is not None:
+            self.recorder.on_fit(server_round, clients, rejected, agg_seconds)
+            self.recorder.on_client_dp(server_round, plan, release.clipped)
+        metrics = {"accepted": release.num_clients, "rejected": len(rejected), "aggregation_s": agg_seconds}
+        self._end_round(server_round)
+        return new_params, metrics
+
+    # -- state -------------------------------------------------------------------
+    def _end_round(self, server_round: int) -> None:
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, self)
+
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        """Everything needed to continue after ``server_round`` (see :mod:`fedlora.checkpoint`)."""
+        state = {"exhausted": sorted(self.exhausted), "rng": self.rng.bit_generator.state}
+        arrays = {} if self.reference is None else {"reference": self.reference}
+        return Checkpoint(round=server_round, global_arrays=list(self.global_arrays), state=state, arrays=arrays)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.global_arrays = [np.asarray(a, dtype=np.float32) for a in ckpt.global_arrays]
+        self.exhausted = set(ckpt.state.get("exhausted", []))
+        if "rng" in ckpt.state:
+            self.rng.bit_generator.state = ckpt.state["rng"]
+        self.reference = ckpt.arrays.get("reference")
 
     def aggregate_evaluate(
         self,
@@ -233,7 +351,7 @@ class FedLoRAStrategy(Strategy):
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if self.evaluate_fn is None:
             return None
-        loss, metrics = self.evaluate_fn(server_round, parameters_to_ndarrays(parameters))
+        loss, metrics = self.evaluate_fn(server_round, self.global_arrays)
         if self.recorder is not None:
             self.recorder.on_evaluate(server_round, loss, metrics)
         return loss, metrics

@@ -16,14 +16,38 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from omegaconf import OmegaConf
 
+from fedlora.attacks import malicious_clients
+from fedlora.checkpoint import CHECKPOINT, save_checkpoint
 from fedlora.config import compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
 from fedlora.plots import plot_epsilon
+from fedlora.privacy.calibration import client_level_plan
 from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
 from fedlora.training import evaluate, tokenize
 from strategies.fedlora_strategy import FedLoRAStrategy
+
+
+def aggregator_name(strategy_cfg: Any) -> str:
+    """``strategy.aggregator``: a registered name, a dotted path, or ``{_target_: path}``."""
+    agg = strategy_cfg.aggregator
+    return str(agg["_target_"]) if OmegaConf.is_dict(agg) or isinstance(agg, dict) else str(agg)
+
+
+def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
+    """The aggregator's keyword arguments (``strategy.params``), nulls left to defaults."""
+    params = strategy_cfg.get("params") or {}
+    if OmegaConf.is_config(params):
+        params = OmegaConf.to_container(params, resolve=True)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
+    """Checkpoint after every round; the privacy ledger travels with the adapter."""
+    ckpt = strategy.checkpoint(server_round)
+    ckpt.state["privacy_ledger"] = recorder.ledger.to_dict()
+    save_checkpoint(Path(run_dir) / CHECKPOINT, ckpt)
 
 
 def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print) -> dict[str, Any]:
@@ -43,12 +67,19 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
         privacy_unit=str(privacy.unit),
         delta=float(privacy.delta) if privacy.unit != "none" else None,
         num_rounds=int(cfg.federation.rounds),
+        accountant=str(privacy.get("accountant", "rdp")),
         echo=echo,
     )
     fed = cfg.federation
+    recorder.attack = {
+        **OmegaConf.to_container(cfg.attack, resolve=True),
+        "clients": malicious_clients(cfg.attack, int(fed.num_clients)),
+    }
     strategy = FedLoRAStrategy(
         initial_arrays=get_arrays(bundle.model, bundle.names),
-        aggregator=str(cfg.strategy.aggregator),
+        aggregator=aggregator_name(cfg.strategy),
+        aggregator_params=aggregator_params(cfg.strategy),
+        norm_bound=cfg.strategy.get("norm_bound"),
         server_lr=float(cfg.strategy.server_lr),
         fraction_fit=float(fed.fraction_fit),
         fraction_evaluate=float(fed.fraction_evaluate),
@@ -57,6 +88,9 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
         min_available_clients=int(fed.min_available_clients),
         evaluate_fn=evaluate_fn,
         recorder=recorder,
+        client_dp=client_level_plan(cfg),
+        noise_seed=privacy.get("noise_seed"),
+        on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
     )
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=int(fed.rounds)), strategy=strategy
@@ -69,7 +103,7 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
     (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
     if recorder.ledger.entries:
         plot_epsilon(recorder.ledger, Path(run_dir) / "epsilon.png", str(privacy.accountant),
-                     float(privacy.target_epsilon))
+                     float(privacy.target_epsilon), unit=str(privacy.unit))
     return recorder.finalize(
         num_clients=int(fed.num_clients),
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),

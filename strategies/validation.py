@@ -17,15 +17,3 @@ def validate_update(arrays: list[np.ndarray], expected: list[np.ndarray]) -> str
         if not np.all(np.isfinite(got)):
             return f"tensor {i}: contains NaN or Inf"
     return None
-
-
-def flatten(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
-
-
-def unflatten(vector: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
-    out, offset = [], 0
-    for ref in like:
-        out.append(vector[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype))
-        offset += ref.size
-    return out

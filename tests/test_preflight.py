@@ -23,6 +23,14 @@ from simulations.preflight import preflight
         (["model.name_or_path=package:no_such_package"], "model.name_or_path", "not installed"),
         (["data.text_column=body"], "data.text_column", "'body' not found"),
         (["federation.client_resources.num_cpus=64"], "federation.client_resources.num_cpus", "CPUs"),
+        (["privacy=client", "strategy=krum"], "strategy", "no sensitivity bound"),
+        (["privacy=client", "privacy.delta=0.6"], "privacy.delta", "1/#clients"),
+        (["strategy=krum", "strategy.num_malicious=1"], "strategy", "n >= 2f+3"),
+        (["strategy=bulyan", "strategy.num_malicious=1", "federation.num_clients=6"], "strategy", "n >= 4f+3"),
+        (["strategy=trimmed_mean", "strategy.params.beta=0.5"], "strategy", "beta"),
+        (["strategy.aggregator=no_such_rule"], "strategy.aggregator", "unknown aggregator"),
+        (["strategy.norm_bound=-1"], "strategy.norm_bound", "> 0"),
+        (["attack=sign_flip", "attack.clients=[5]"], "attack.clients", "do not exist"),
     ],
 )
 def test_bad_input_stops_before_the_federation(tiny_cfg, overrides, setting, text):

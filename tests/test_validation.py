@@ -3,7 +3,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from strategies.fedlora_strategy import FedLoRAStrategy
-from strategies.validation import flatten, unflatten, validate_update
+from fedlora.lora import flatten, unflatten
+from strategies.validation import validate_update
 
 REF = [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)]
 
@@ -33,7 +34,7 @@ class _Recorder:
     def __init__(self):
         self.fits = []
 
-    def on_fit(self, rnd, clients, rejected, agg_s):
+    def on_fit(self, rnd, clients, rejected, agg_s, aggregation_error=None):
         self.fits.append((rnd, clients, rejected))
 
 

@@ -87,6 +87,14 @@ def _noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant
     )
 
 
+def _calibrated_sigma(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """The noise multiplier meeting (eps, delta) over ``steps``; inf if none can."""
+    try:
+        return _noise_multiplier(eps, delta, q, steps, accountant)
+    except ValueError:
+        return math.inf
+
+
 def plan_sample_dp(
     num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: int, target_epsilon: float | None = None
 ) -> DPPlan:
@@ -115,10 +123,7 @@ def plan_sample_dp(
         raise ConfigError("train.local_steps", "a round needs at least one local or probe step")
     total = steps * rounds
     cap = float(privacy_cfg.max_noise_multiplier)
-    try:
-        sigma = _noise_multiplier(eps, delta, sample_rate, total, str(privacy_cfg.accountant))
-    except ValueError:
-        sigma = math.inf
+    sigma = _calibrated_sigma(eps, delta, sample_rate, total, str(privacy_cfg.accountant))
     if sigma > cap:
         raise ConfigError(
             "privacy.target_epsilon",
@@ -138,3 +143,109 @@ def plan_sample_dp(
         delta=delta,
         accountant=str(privacy_cfg.accountant),
     )
+
+
+@dataclass(frozen=True)
+class ClientDPPlan:
+    """Client-level DP-FedAvg (McMahan et al. 2018): the server's mechanism per round.
+
+    Every round each client is sampled independently with probability ``sample_rate``
+    (Poisson sampling), its delta is clipped to L2 norm ``clipping_norm``, and
+    N(0, (noise_multiplier * clipping_norm)^2) is added to the sum. One round is one
+    step of the subsampled Gaussian mechanism for every client.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+    clipping_norm: float
+    num_clients: int
+    planned_rounds: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+
+    @property
+    def expected_clients(self) -> float:
+        return self.sample_rate * self.num_clients
+
+    @property
+    def planned_epsilon(self) -> float:
+        return epsilon_from_history(
+            [(self.noise_multiplier, self.sample_rate, self.planned_rounds)], self.delta, self.accountant
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_client_dp(privacy_cfg: Any, num_clients: int, sample_rate: float, rounds: int) -> ClientDPPlan:
+    """Client-level plan: calibrate the server's noise for all planned rounds, or check a
+    user-given ``privacy.noise_multiplier`` against ``privacy.target_epsilon``."""
+    eps = float(privacy_cfg.target_epsilon)
+    delta = float(privacy_cfg.delta)
+    check_budget(eps, delta)
+    if delta >= 1.0 / num_clients:
+        # The protected record is a whole client: delta must be small against 1/#clients.
+        raise ConfigError(
+            "privacy.delta",
+            f"delta={delta} is not below 1/#clients = 1/{num_clients} (client-level DP protects "
+            f"whole clients); use a smaller delta (e.g. {0.1 / num_clients:.1e})",
+        )
+    clip = float(privacy_cfg.clipping_norm)
+    if not clip > 0:
+        raise ConfigError("privacy.clipping_norm", f"must be > 0, got {clip}")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError("federation.fraction_fit", f"client sampling rate must lie in (0, 1], got {sample_rate}")
+    accountant = str(privacy_cfg.accountant)
+    cap = float(privacy_cfg.max_noise_multiplier)
+    given = privacy_cfg.get("noise_multiplier")
+    if given is not None:
+        sigma = float(given)
+        if not sigma > 0:
+            raise ConfigError("privacy.noise_multiplier", f"must be > 0, got {sigma}")
+        spent = epsilon_from_history([(sigma, sample_rate, rounds)], delta, accountant)
+        if spent > eps:
+            raise ConfigError(
+                "privacy.noise_multiplier",
+                f"noise multiplier {sigma} over {rounds} rounds at client sampling rate {sample_rate:g} "
+                f"spends client-level eps {spent:.3f} > privacy.target_epsilon={eps}; raise the noise, "
+                "plan fewer rounds, or sample fewer clients per round",
+            )
+    else:
+        sigma = _calibrated_sigma(eps, delta, sample_rate, rounds, accountant)
+        if sigma > cap:
+            raise ConfigError(
+                "privacy.target_epsilon",
+                f"client-level epsilon={eps} at delta={delta} over {rounds} rounds at client sampling "
+                f"rate {sample_rate:g} needs a noise multiplier of {sigma:.2f}, above "
+                f"privacy.max_noise_multiplier={cap}; raise the target epsilon, plan fewer rounds, "
+                "or sample fewer clients per round",
+            )
+    return ClientDPPlan(
+        sample_rate=sample_rate,
+        noise_multiplier=sigma,
+        clipping_norm=clip,
+        num_clients=num_clients,
+        planned_rounds=rounds,
+        target_epsilon=eps,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def client_level_plan(cfg: Any) -> ClientDPPlan | None:
+    """The server's client-level plan of an experiment (None unless ``privacy=client``);
+    clients are Poisson-sampled at rate ``federation.fraction_fit``."""
+    if cfg.privacy.unit != "client":
+        return None
+    fed = cfg.federation
+    return plan_client_dp(cfg.privacy, int(fed.num_clients), float(fed.fraction_fit), int(fed.rounds))
+
+
+def clients_per_round(cfg: Any) -> int:
+    """Clients sampled per round (expected count under Poisson client sampling)."""
+    fed = cfg.federation
+    n = int(fed.num_clients)
+    if cfg.privacy.unit == "client":
+        return max(1, round(float(fed.fraction_fit) * n))
+    return min(n, max(math.ceil(float(fed.fraction_fit) * n), int(fed.min_fit_clients)))

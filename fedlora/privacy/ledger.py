@@ -14,6 +14,8 @@ from typing import Any
 from fedlora.privacy.accounting import epsilon_from_history
 
 ACCOUNTANTS = ("rdp", "prv")
+# Client-level DP entries hold for every client alike (the server's mechanism).
+EVERY_CLIENT = "all"
 
 
 @dataclass(frozen=True)

@@ -43,14 +43,15 @@ def run_dir_report(run_dir: Path) -> str:
     ledger = PrivacyLedger.from_dict(payload.get("privacy_ledger", {}))
     if not ledger.entries:
         return f"{run_dir}: no DP ledger entries (privacy unit {payload['config']['privacy']['unit']})"
-    lines = ["| client | rounds | steps | eps RDP | eps PRV | delta |", "|---|---|---|---|---|---|"]
+    lines = ["| client | unit | rounds | steps | eps RDP | eps PRV | delta |", "|---|---|---|---|---|---|---|"]
     for c in ledger.clients():
         hist = ledger.history(c)
+        unit = next(e.unit for e in ledger.entries if e.client == c)
         lines.append(
-            f"| {c} | {len(hist)} | {sum(h[2] for h in hist)} | {ledger.epsilon(c, 'rdp'):.4f} | "
+            f"| {c} | {unit}-level | {len(hist)} | {sum(h[2] for h in hist)} | {ledger.epsilon(c, 'rdp'):.4f} | "
             f"{ledger.epsilon(c, 'prv'):.4f} | {ledger.delta(c):g} |"
         )
-    return "sample-level epsilon recomputed from the ledger\n" + "\n".join(lines)
+    return "epsilon recomputed from the ledger (client 'all': client-level, holds for every client)\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
