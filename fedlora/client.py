@@ -27,6 +27,7 @@ from fedlora.privacy.calibration import clients_per_round
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
+from fedlora.secure import clip_l2, quantization_error, secure_enabled, secure_settings
 from fedlora.training import TrainStats, embed_all, evaluate, tokenize, train_dp, train_plain, train_probe
 
 DP_STATE = "dp_history"
@@ -215,7 +216,23 @@ class LoRAClient(NumPyClient):
             if self.attack in MODEL_POISONING:
                 delta = self._poison(bundle, parameters, delta, server_round)
         metrics["update_norm"] = float(np.linalg.norm(flatten(delta)))
-        return delta, len(data), metrics
+        num_examples = len(data)
+        if secure_enabled(cfg):
+            delta, num_examples = self._prepare_secure(delta, num_examples, metrics)
+        return delta, num_examples, metrics
+
+    def _prepare_secure(self, delta, num_examples: int, metrics: dict[str, Any]):
+        """Before SecAgg+ masks it: clip the delta to the quantizer's range (fixed clipping,
+        as Flower's clipping mods do) and measure the quantization error it will carry.
+        Under client-level DP every client weighs 1, so the server can recover the sum."""
+        cfg = self.cfg
+        if cfg.privacy.unit == "client":
+            num_examples = 1
+        sizes = [len(client_indices(cfg, self.task, p, self.num_partitions)[0]) for p in range(self.num_partitions)]
+        settings = secure_settings(cfg, max(sizes))
+        delta, clipped = clip_l2(delta, settings.clipping_norm)
+        metrics.update(secure_clipped=clipped, quantization_error=quantization_error(delta, num_examples, settings))
+        return delta, num_examples
 
     def evaluate(self, parameters, config):
         bundle = self._bundle()

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedlora.client import make_client_fn
 from fedlora.config import compose_cached
 
 
+def secure_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for rounds the server runs under SecAgg+, a pass-through
+    otherwise, so one ClientApp serves both (the server's workflow decides)."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
 def make_client_app(cfg: Any) -> ClientApp:
-    return ClientApp(client_fn=make_client_fn(cfg))
+    return ClientApp(client_fn=make_client_fn(cfg), mods=[secure_mod])
 
 
 def _deployed_client_fn(context: Context):
@@ -21,4 +31,4 @@ def _deployed_client_fn(context: Context):
 
 
 # `flwr run .` entry point (pyproject [tool.flwr.app.components]).
-app = ClientApp(client_fn=_deployed_client_fn)
+app = ClientApp(client_fn=_deployed_client_fn, mods=[secure_mod])

@@ -148,6 +148,10 @@ class RunRecorder:
         rec["aggregation_s"] = agg_s
         if aggregation_error:
             rec["aggregation_error"] = aggregation_error
+        qerr = [c["quantization_error"] for c in clients if c.get("quantization_error") is not None]
+        if qerr:
+            # SecAgg+: the largest error its quantization put on any client's delta.
+            rec["secagg_quantization_error"] = max(qerr)
 
     def on_evaluate(self, server_round: int, loss: float, metrics: dict[str, Any]) -> None:
         rec = self._round(server_round)
@@ -174,6 +178,8 @@ class RunRecorder:
         if rec["round"] > 0:
             parts.append(self.eps_text(rec.get("epsilon")))
             parts.append(f"clients ok {rec.get('num_accepted', 0)}, rejected {rec.get('num_rejected', 0)}")
+            if rec.get("secagg_quantization_error") is not None:
+                parts.append(f"SecAgg+ quantization error <= {rec['secagg_quantization_error']:.2e}")
         parts.append(f"{rec['elapsed_s']:.1f}s")
         return " | ".join(parts)
 

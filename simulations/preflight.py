@@ -19,6 +19,7 @@ from fedlora.privacy import DPPlan
 from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import ClientDPPlan, check_budget, client_level_plan
 from fedlora.runtime import get_bundle
+from fedlora.secure import check_secure
 from fedlora.attacks import malicious_clients
 from fedlora.privacy.calibration import clients_per_round
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
@@ -84,6 +85,8 @@ def check_federation(cfg: Any) -> None:
     if unit == "client":
         check_client_dp_aggregator(aggregator_name(cfg.strategy))
     check_aggregator(cfg)
+    check_secure(cfg, clients_per_round(cfg), robust=not getattr(
+        get_aggregator(aggregator_name(cfg.strategy)), "client_dp_sensitivity", None))
     malicious_clients(cfg.attack, n)
 
 

@@ -177,6 +177,8 @@ class FedLoRAStrategy(Strategy):
         ins = FitIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
         if self.client_dp is not None:
             return self._configure_poisson(server_round, client_manager, ins)
+        # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
+        client_manager.wait_for(self.min_available_clients)
         eligible = client_manager.num_available() - len(self.exhausted)
         n = self._num(self.fraction_fit, self.min_fit_clients, eligible)
         if n > eligible:

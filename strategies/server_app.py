@@ -13,11 +13,12 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
 from fedlora.checkpoint import CHECKPOINT, save_checkpoint
+from fedlora.client import client_indices
 from fedlora.config import compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
@@ -25,6 +26,7 @@ from fedlora.plots import plot_epsilon
 from fedlora.privacy.calibration import client_level_plan
 from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
+from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.training import evaluate, tokenize
 from strategies.fedlora_strategy import FedLoRAStrategy
 
@@ -48,6 +50,19 @@ def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, serve
     ckpt = strategy.checkpoint(server_round)
     ckpt.state["privacy_ledger"] = recorder.ledger.to_dict()
     save_checkpoint(Path(run_dir) / CHECKPOINT, ckpt)
+
+
+def secagg_workflow(settings: SecAggSettings) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow: the strategy then sees only the unmasked sum."""
+    return SecAggPlusWorkflow(
+        num_shares=settings.num_shares,
+        reconstruction_threshold=settings.reconstruction_threshold,
+        max_weight=settings.max_weight,
+        clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range,
+        modulus_range=settings.modulus_range,
+        timeout=settings.timeout,
+    )
 
 
 def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print) -> dict[str, Any]:
@@ -95,7 +110,11 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=int(fed.rounds)), strategy=strategy
     )
-    DefaultWorkflow()(grid, legacy)
+    fit_workflow = None
+    if secure_enabled(cfg):
+        sizes = [len(client_indices(cfg, task, p, int(fed.num_clients))[0]) for p in range(int(fed.num_clients))]
+        fit_workflow = secagg_workflow(secure_settings(cfg, max(sizes)))
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
     set_arrays(bundle.model, bundle.names, strategy.global_arrays)
     adapter_dir = Path(run_dir) / "adapter"

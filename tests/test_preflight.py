@@ -60,3 +60,18 @@ def test_unknown_model_message_from_the_cli(tmp_path):
     assert proc.returncode == 2
     assert "error: model.name_or_path" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_aggregator_by_hydra_target_or_dotted_path(tiny_cfg):
+    from strategies.aggregators import median
+    from strategies.fedlora_strategy import FedLoRAStrategy
+    from strategies.server_app import aggregator_name
+
+    for override in ("strategy.aggregator={_target_:strategies.aggregators.median}",
+                     "strategy.aggregator=strategies.aggregators.median"):
+        cfg = tiny_cfg(override)
+        name = aggregator_name(cfg.strategy)
+        assert FedLoRAStrategy(initial_arrays=[], aggregator=name).aggregate is median
+    with pytest.raises(ConfigError) as err:
+        preflight(tiny_cfg("strategy.aggregator={_target_:no.such.rule}"))
+    assert err.value.setting == "strategy.aggregator"

@@ -64,3 +64,19 @@ def test_krum_under_sign_flip_records_the_attack(tmp_path):
         assert r["num_accepted"] == 5 and "aggregation_error" not in r
     ckpt = load_checkpoint(tmp_path / "checkpoint.npz")
     assert ckpt.round == 2 and all(np.isfinite(a).all() for a in ckpt.global_arrays)
+
+
+def test_secaggplus_with_client_level_dp(tmp_path):
+    out, res = _run(
+        tmp_path, "secure=secaggplus", "privacy=client", "privacy.noise_seed=0", "federation.num_clients=4",
+        "federation.rounds=2",
+    )
+    assert "SecAgg+ quantization error" in out
+    rounds = [r for r in res["rounds"] if r["round"] > 0]
+    for r in rounds:
+        assert r["num_accepted"] == 4
+        # Clients clipped to C before masking; the quantizer's error was measured.
+        assert all("secure_clipped" in c for c in r["clients"])
+        assert 0 < r["secagg_quantization_error"] < 1e-3
+        assert r["client_dp"]["clipping_norm"] == 0.5
+    assert res["final"]["epsilon"] > 0 and len(res["privacy_ledger"]["entries"]) == 2

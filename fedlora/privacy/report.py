@@ -2,9 +2,13 @@
 
     python -m fedlora.privacy.report --sample-rate 0.142 --noise-multiplier 1.41 \
         --steps-per-round 53 --rounds 3 --delta 1e-5
+    python -m fedlora.privacy.report --unit client --sample-rate 0.1 \
+        --noise-multiplier 1.1 --steps-per-round 1 --rounds 100
     python -m fedlora.privacy.report --run-dir outputs/2026-11-28/04-03-55
 
-The second form recomputes every client's epsilon from the run's ledger.
+Sample-level: q = batch size / shard size, steps = local DP-SGD steps per round.
+Client-level (DP-FedAvg): q = client sampling rate, one step per round. The last form
+recomputes every client's epsilon from the run's ledger.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-round", type=int)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--unit", choices=["sample", "client"], default="sample",
+                   help="privacy unit the numbers are in (labels the output)")
     args = p.parse_args(argv)
     if args.run_dir:
         if not (args.run_dir / "results.json").is_file():
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 < args.sample_rate <= 1 and args.noise_multiplier > 0 and args.steps_per_round > 0):
         p.error("need 0 < sample rate <= 1, noise multiplier > 0, steps per round > 0")
     q, s, k, r, d = args.sample_rate, args.noise_multiplier, args.steps_per_round, args.rounds, args.delta
-    print(f"epsilon vs rounds (q={q}, sigma={s}, {k} steps/round, delta={d})")
+    print(f"{args.unit}-level epsilon vs rounds (q={q}, sigma={s}, {k} steps/round, delta={d})")
     print(rounds_table(q, s, k, r, d))
     print()
     print("amplification by sampling")

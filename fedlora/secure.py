@@ -1,0 +1,141 @@
+"""Secure aggregation settings and the client side of it (no masking here: Flower's
+``secaggplus_mod`` masks, our client only prepares what it hands over).
+
+SecAgg+ (Bell, Bonawitz, Gascón, Lepoint, Raykova 2020, "Secure Single-Server
+Aggregation with (Poly)Logarithmic Overhead", https://eprint.iacr.org/2020/704) sums
+integer vectors. Flower's implementation multiplies each client's vector by its weight
+``num_examples / max_weight``, clips every coordinate to ``[-R, R]``, quantizes it to
+``quantization_range`` levels with stochastic rounding and masks it modulo
+``modulus_range``. An L2-clipped delta (norm <= C) has every coordinate in [-C, C], so
+with R = C nothing is clipped by the quantizer and the masked sum cannot overflow as
+long as #clients * quantization_range <= modulus_range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+from fedlora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    num_shares: int
+    reconstruction_threshold: int
+    clipping_norm: float
+    quantization_range: int
+    modulus_range: int
+    max_weight: float
+    timeout: float | None
+
+    @property
+    def clipping_range(self) -> float:
+        return self.clipping_norm
+
+    @property
+    def quantization_step(self) -> float:
+        """Width of one quantization level in weighted-delta units."""
+        return 2.0 * self.clipping_range / self.quantization_range
+
+
+def secure_enabled(cfg: Any) -> bool:
+    return str(cfg.get("secure", {}).get("name", "none")) == "secaggplus"
+
+
+def secure_clipping_norm(cfg: Any) -> float:
+    s = cfg.secure
+    if s.get("clipping_norm") is not None:
+        return float(s.clipping_norm)
+    if cfg.privacy.unit == "client":
+        return float(cfg.privacy.clipping_norm)
+    if cfg.strategy.get("norm_bound") is not None:
+        return float(cfg.strategy.norm_bound)
+    return float(s.default_clipping_norm)
+
+
+def secure_settings(cfg: Any, max_examples: int) -> SecAggSettings:
+    """Settings of one run; ``max_examples`` is the largest client's training set (the
+    weights are example counts; under client-level DP every client weighs 1)."""
+    s = cfg.secure
+    return SecAggSettings(
+        num_shares=int(s.num_shares),
+        reconstruction_threshold=int(s.reconstruction_threshold),
+        clipping_norm=secure_clipping_norm(cfg),
+        quantization_range=int(s.quantization_range),
+        modulus_range=int(s.modulus_range),
+        max_weight=1.0 if cfg.privacy.unit == "client" else float(max(1, max_examples)),
+        timeout=None if s.get("timeout") is None else float(s.timeout),
+    )
+
+
+def check_secure(cfg: Any, clients_per_round: int, robust: bool) -> None:
+    """Refuse settings under which SecAgg+ fails or silently never trains."""
+    if not secure_enabled(cfg):
+        name = str(cfg.get("secure", {}).get("name", "none"))
+        if name != "none":
+            raise ConfigError("secure", f"unknown secure aggregation {name!r}; choose none or secaggplus")
+        return
+    if robust:
+        raise ConfigError(
+            "secure",
+            f"robust aggregator {cfg.strategy.aggregator!r} cannot run under SecAgg+: robust aggregation "
+            "needs the individual updates, which SecAgg+ hides from the server (it only learns their "
+            "sum). Use strategy=fedavg with secure=secaggplus, or secure=none with a robust aggregator",
+        )
+    s = cfg.secure
+    shares, threshold = int(s.num_shares), int(s.reconstruction_threshold)
+    if shares < 3 or shares % 2 == 0:
+        raise ConfigError(
+            "secure.num_shares",
+            f"must be odd and >= 3, got {shares} (with an even value Flower's clients fail while "
+            "the run still ends normally and the model never trains)",
+        )
+    if not 1 < threshold < shares:
+        raise ConfigError(
+            "secure.reconstruction_threshold", f"must satisfy 1 < threshold < num_shares={shares}, got {threshold}"
+        )
+    if clients_per_round < shares:
+        raise ConfigError(
+            "secure.num_shares",
+            f"{shares} shares need at least {shares} clients per round, but {clients_per_round} are "
+            "sampled; sample more clients or lower secure.num_shares",
+        )
+    if not secure_clipping_norm(cfg) > 0:
+        raise ConfigError("secure.clipping_norm", f"must be > 0, got {secure_clipping_norm(cfg)}")
+    q, mod = int(s.quantization_range), int(s.modulus_range)
+    if mod & (mod - 1) or not q < mod <= 2**32:
+        raise ConfigError("secure.modulus_range", f"must be a power of 2 in (quantization_range, 2**32], got {mod}")
+    if clients_per_round * q > mod:
+        raise ConfigError(
+            "secure.quantization_range",
+            f"{clients_per_round} clients x {q} levels exceed the modulus {mod}: the masked sum would wrap "
+            "around; lower secure.quantization_range",
+        )
+
+
+def clip_l2(delta: list[np.ndarray], max_norm: float) -> tuple[list[np.ndarray], bool]:
+    """``delta`` scaled to L2 norm <= ``max_norm`` (and whether it had to be)."""
+    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
+    if norm <= max_norm:
+        return delta, False
+    scale = max_norm / norm
+    return [(d * scale).astype(d.dtype) for d in delta], True
+
+
+def quantization_error(delta: list[np.ndarray], num_examples: int, settings: SecAggSettings) -> float:
+    """Largest absolute error (in delta units) that SecAgg+'s weighting + quantization
+    put on this client's delta, measured by quantizing and dequantizing it locally."""
+    ratio = num_examples / settings.max_weight
+    weighted = [ratio * np.asarray(d, dtype=np.float64) for d in delta]
+    back = dequantize(
+        quantize(weighted, settings.clipping_range, settings.quantization_range),
+        settings.clipping_range,
+        settings.quantization_range,
+    )
+    if ratio == 0:
+        return 0.0
+    return float(max(np.max(np.abs(b - w)) for b, w in zip(back, weighted)) / ratio)
