@@ -53,6 +53,11 @@ def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: 
     )
 
 
+def max_client_examples(cfg: Any, task: TaskData, num_partitions: int) -> int:
+    """The largest client's training set (SecAgg+'s ``max_weight``)."""
+    return max(len(client_indices(cfg, task, p, num_partitions)[0]) for p in range(num_partitions))
+
+
 def client_plan(cfg: Any, num_examples: int, partition_id: int = 0) -> DPPlan | None:
     if cfg.privacy.unit != "sample":
         return None
@@ -228,8 +233,7 @@ class LoRAClient(NumPyClient):
         cfg = self.cfg
         if cfg.privacy.unit == "client":
             num_examples = 1
-        sizes = [len(client_indices(cfg, self.task, p, self.num_partitions)[0]) for p in range(self.num_partitions)]
-        settings = secure_settings(cfg, max(sizes))
+        settings = secure_settings(cfg, max_client_examples(cfg, self.task, self.num_partitions))
         delta, clipped = clip_l2(delta, settings.clipping_norm)
         metrics.update(secure_clipped=clipped, quantization_error=quantization_error(delta, num_examples, settings))
         return delta, num_examples

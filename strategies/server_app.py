@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
 from fedlora.checkpoint import CHECKPOINT, save_checkpoint
-from fedlora.client import client_indices
+from fedlora.client import max_client_examples
 from fedlora.config import compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
@@ -112,8 +112,8 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
     )
     fit_workflow = None
     if secure_enabled(cfg):
-        sizes = [len(client_indices(cfg, task, p, int(fed.num_clients))[0]) for p in range(int(fed.num_clients))]
-        fit_workflow = secagg_workflow(secure_settings(cfg, max(sizes)))
+        max_examples = max_client_examples(cfg, task, int(fed.num_clients))
+        fit_workflow = secagg_workflow(secure_settings(cfg, max_examples))
     DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
 
     set_arrays(bundle.model, bundle.names, strategy.global_arrays)
