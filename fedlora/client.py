@@ -151,6 +151,25 @@ class LoRAClient(NumPyClient):
         rec = self.state[DP_STATE]
         return list(zip(rec["noise_multiplier"], rec["sample_rate"], rec["steps"]))
 
+    def adopt_server_history(self, config: dict[str, Any]) -> None:
+        """After a resume the server sends each client's ledger history: a client that lost
+        its own state (a new run, a restarted node) continues from it, so epsilon keeps
+        composing. Only a longer history is taken, which can only raise the epsilon."""
+        raw = config.get("dp_histories")
+        if not raw:
+            return
+        entries = json.loads(str(raw)).get(str(self.partition_id)) or []
+        if len(entries) <= len(self.history()):
+            return
+        self.state[DP_STATE] = ConfigRecord(
+            {
+                "noise_multiplier": [float(e[0]) for e in entries],
+                "sample_rate": [float(e[1]) for e in entries],
+                "steps": [int(e[2]) for e in entries],
+                "round": [int(e[3]) for e in entries],
+            }
+        )
+
     def _append_history(self, sigma: float, q: float, steps: int, server_round: int) -> None:
         old = self.state[DP_STATE] if DP_STATE in self.state else None
         rounds = list(old["round"]) if old is not None else []
@@ -173,6 +192,7 @@ class LoRAClient(NumPyClient):
     def fit(self, parameters, config):
         cfg = self.cfg
         server_round = int(config.get("server_round", 0))
+        self.adopt_server_history(config)
         bundle = self._bundle()
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "train")

@@ -79,7 +79,21 @@ class RunRecorder:
         self.final: dict[str, Any] | None = None
         # Which clients were malicious and how (robustness experiments), for auditing.
         self.attack: dict[str, Any] = {"name": "none", "clients": []}
+        self.resumed_from: int | None = None
         self.start = time.time()
+
+    def restore(self, payload: dict[str, Any], up_to_round: int) -> None:
+        """Continue a run from its ``results.json``: rounds up to the checkpoint, the
+        ledger (never reset) and each client's last reported epsilon."""
+        self.rounds = {int(r["round"]): r for r in payload.get("rounds", []) if int(r["round"]) <= up_to_round}
+        self.ledger = PrivacyLedger.from_dict(payload.get("privacy_ledger", {}))
+        self.ledger.entries = [e for e in self.ledger.entries if e.round <= up_to_round]
+        self.attack = payload.get("attack", self.attack)
+        for r in sorted(self.rounds):
+            for c in self.rounds[r].get("clients", []):
+                if c.get("epsilon") is not None:
+                    self.client_epsilon[str(c["cid"])] = float(c["epsilon"])
+        self.resumed_from = up_to_round
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
@@ -195,6 +209,7 @@ class RunRecorder:
             "wall_s": round(time.time() - self.start, 3),
             "client_epsilon": dict(sorted(self.client_epsilon.items())),
             "epsilon_by_accountant": self.epsilon_by_accountant(),
+            "resumed_from_round": self.resumed_from,
             **extra,
         }
         self.write()

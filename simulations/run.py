@@ -28,6 +28,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from fedlora.checkpoint import CHECKPOINT  # noqa: E402
 from fedlora.config import plain_config  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.results import epsilon_text  # noqa: E402
@@ -41,6 +42,20 @@ def _echo(line: str) -> None:
     log.info(line)
 
 
+def resume_config(cfg: Any, run_dir: Path) -> tuple[Any, Path]:
+    """The run dir and config of a run to continue (its own resolved config.yaml)."""
+    if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "false"):
+        run_dir = Path(cfg.resume)
+    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            "resume", f"no {CHECKPOINT} and config.yaml in {run_dir}; point resume= (or hydra.run.dir=) "
+            "at the run dir of the run to continue"
+        )
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.resume = True
+    return saved, run_dir
+
+
 def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Preflight, then a Flower simulation; returns the ``final`` block of results.json."""
     from flwr.simulation import run_simulation
@@ -49,10 +64,14 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     from strategies.server_app import make_server_app
 
     cfg = plain_config(cfg)
+    resume = bool(cfg.get("resume"))
+    if resume:
+        cfg, run_dir = resume_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pre = preflight(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if not resume:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     fed = cfg.federation
     plan = next((p for p in pre.plans if p is not None), None)
     _echo(
@@ -70,7 +89,7 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
             else "no DP"
         )
     )
-    server_app = make_server_app(cfg, run_dir, echo=_echo)
+    server_app = make_server_app(cfg, run_dir, echo=_echo, resume=resume)
     client_app = make_client_app(cfg)
     res = fed.client_resources
     run_simulation(
@@ -91,6 +110,7 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     if not final:
         raise RuntimeError(f"the server did not finish; see {run_dir}")
     final["wall_s_total"] = round(time.time() - start, 1)
+    final["run_dir"] = str(run_dir)
     return final
 
 
@@ -122,7 +142,7 @@ def main(cfg: DictConfig) -> None:
         log.error("config error: %s", err)
         sys.exit(2)
     _echo(final_line(final))
-    _echo(f"run dir: {run_dir}")
+    _echo(f"run dir: {final['run_dir']}")
 
 
 if __name__ == "__main__":

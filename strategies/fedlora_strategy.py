@@ -14,6 +14,7 @@ SecAgg+ workflow runs only there (see design.md).
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable
@@ -140,6 +141,11 @@ class FedLoRAStrategy(Strategy):
         self.recorder = recorder
         self.client_dp = client_dp
         self.on_round_end = on_round_end
+        # After a resume Flower counts rounds from 1 again; ours continue from the checkpoint.
+        self.round_offset = 0
+        # Sample-level DP histories per client id, sent back to clients after a resume so
+        # their accountants continue (a restarted client has lost its own state).
+        self.client_histories: dict[str, list[list[float]]] = {}
         # Server randomness: client sampling and DP noise (OS entropy unless seeded).
         self.rng = np.random.default_rng(noise_seed)
         # Clients that declined because another round would exceed their privacy budget.
@@ -172,9 +178,13 @@ class FedLoRAStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         # The strategy's own global adapter is canonical: a client-level DP round in
         # which nobody was sampled still moves it (by noise), which Flower never sees.
-        ins = FitIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
+        config: dict[str, Scalar] = {"server_round": server_round}
+        if self.client_histories:
+            config["dp_histories"] = json.dumps(self.client_histories)
+        ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
         if self.client_dp is not None:
             return self._configure_poisson(server_round, client_manager, ins)
         # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
@@ -204,6 +214,7 @@ class FedLoRAStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        server_round += self.round_offset
         if self.fraction_evaluate <= 0:
             return []
         n = self._num(self.fraction_evaluate, self.min_evaluate_clients, client_manager.num_available())
@@ -218,6 +229,7 @@ class FedLoRAStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         clients: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         accepted: list[tuple[list[np.ndarray], int]] = []
@@ -329,6 +341,7 @@ class FedLoRAStrategy(Strategy):
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in ckpt.global_arrays]
+        self.round_offset = int(ckpt.round)
         self.exhausted = set(ckpt.state.get("exhausted", []))
         if "rng" in ckpt.state:
             self.rng.bit_generator.state = ckpt.state["rng"]
@@ -340,6 +353,7 @@ class FedLoRAStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         valid = [r for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
         total = sum(r.num_examples for r in valid)
         if total == 0:
@@ -351,6 +365,7 @@ class FedLoRAStrategy(Strategy):
         return loss, {"accuracy": acc}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        server_round += self.round_offset
         if self.evaluate_fn is None:
             return None
         loss, metrics = self.evaluate_fn(server_round, self.global_arrays)

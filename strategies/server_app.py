@@ -17,13 +17,14 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
-from fedlora.checkpoint import CHECKPOINT, save_checkpoint
+from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.client import max_client_examples
 from fedlora.config import compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
 from fedlora.plots import plot_epsilon
 from fedlora.privacy.calibration import client_level_plan
+from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
 from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
@@ -65,7 +66,10 @@ def secagg_workflow(settings: SecAggSettings) -> SecAggPlusWorkflow:
     )
 
 
-def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print) -> dict[str, Any]:
+def run_server(
+    grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print, resume: bool = False
+) -> dict[str, Any]:
+    """Run the federation; with ``resume`` continue after the run dir's checkpoint."""
     task = load_task_data_cached(cfg.data, int(cfg.seed))
     bundle = get_bundle(cfg, task.num_labels)
     test = tokenize(task.test, bundle.tokenizer, cfg.model.max_length)
@@ -107,8 +111,17 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
         noise_seed=privacy.get("noise_seed"),
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
     )
+    remaining = int(fed.rounds)
+    if resume:
+        ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT)
+        strategy.restore(ckpt)
+        recorder.restore(json.loads((Path(run_dir) / "results.json").read_text()), ckpt.round)
+        recorder.ledger = PrivacyLedger.from_dict(ckpt.state.get("privacy_ledger", {}))
+        strategy.client_histories = recorder.ledger.client_histories("sample")
+        remaining = int(fed.rounds) - ckpt.round
+        echo(f"resuming after round {ckpt.round}: {remaining} round(s) left")
     legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=int(fed.rounds)), strategy=strategy
+        context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
     )
     fit_workflow = None
     if secure_enabled(cfg):
@@ -130,13 +143,13 @@ def run_server(grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print
     )
 
 
-def make_server_app(cfg: Any, run_dir: Path, echo=print) -> ServerApp:
+def make_server_app(cfg: Any, run_dir: Path, echo=print, resume: bool = False) -> ServerApp:
     cfg = plain_config(cfg)
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, cfg, run_dir, echo)
+        run_server(grid, context, cfg, run_dir, echo, resume)
 
     return app
 
@@ -149,4 +162,4 @@ app = ServerApp()
 def _deployed_main(grid: Grid, context: Context) -> None:
     cfg = compose_cached(str(context.run_config.get("overrides", "")))
     run_dir = Path(str(context.run_config.get("run-dir", "") or f"outputs/flwr-run-{context.run_id}"))
-    run_server(grid, context, cfg, run_dir)
+    run_server(grid, context, cfg, run_dir, resume=bool(context.run_config.get("resume", False)))

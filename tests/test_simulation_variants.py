@@ -80,3 +80,49 @@ def test_secaggplus_with_client_level_dp(tmp_path):
         assert 0 < r["secagg_quantization_error"] < 1e-3
         assert r["client_dp"]["clipping_norm"] == 0.5
     assert res["final"]["epsilon"] > 0 and len(res["privacy_ledger"]["entries"]) == 2
+
+
+def test_killed_server_resumes_and_epsilon_continues(tmp_path):
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "simulations.run", *TINY, "federation.num_clients=2", "federation.rounds=3",
+           f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt_path = tmp_path / "checkpoint.npz"
+    try:
+        deadline = time.time() + 300
+        while not ckpt_path.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert ckpt_path.exists(), "no checkpoint after round 1"
+    finally:
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in family:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        proc.wait()
+    killed_at = load_checkpoint(ckpt_path).round
+    assert 1 <= killed_at < 3
+
+    out, res = _run(tmp_path, f"resume={tmp_path}")
+    assert f"resuming after round {killed_at}" in out
+    final = res["final"]
+    assert final["rounds_completed"] == 3 and final["resumed_from_round"] == killed_at
+    assert load_checkpoint(ckpt_path).round == 3
+    entries = res["privacy_ledger"]["entries"]
+    for cid in ("0", "1"):
+        mine = [e for e in entries if e["client"] == cid]
+        assert [e["round"] for e in mine] == [1, 2, 3]
+        # The client's own epsilon after the resume covers all three rounds: its
+        # accountant continued from the ledger instead of starting again.
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in mine]
+        recomputed = epsilon_from_history(history, mine[0]["delta"], "rdp")
+        assert final["client_epsilon"][cid] == pytest.approx(recomputed, rel=1e-6)
+        restarted = epsilon_from_history(history[killed_at:], mine[0]["delta"], "rdp")
+        assert final["client_epsilon"][cid] > restarted

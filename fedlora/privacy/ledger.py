@@ -64,6 +64,14 @@ class PrivacyLedger:
             c: {r: self.epsilon(c, accountant, r) for r in sorted(set(rounds[c]))} for c in self.clients()
         }
 
+    def client_histories(self, unit: str = "sample") -> dict[str, list[list[float]]]:
+        """Per client ``[noise_multiplier, sample_rate, steps, round]`` rows of one unit."""
+        out: dict[str, list[list[float]]] = defaultdict(list)
+        for e in self.entries:
+            if e.unit == unit:
+                out[e.client].append([e.noise_multiplier, e.sample_rate, e.steps, e.round])
+        return dict(out)
+
     def to_dict(self) -> dict[str, Any]:
         return {"entries": [asdict(e) for e in self.entries]}
 
