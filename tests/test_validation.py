@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
@@ -81,3 +82,27 @@ def test_failure_reason_is_one_short_line():
     err = RuntimeError("Traceback ...\\n  File x\\nValueError: the real cause")
     assert failure_reason(err) == "ValueError: the real cause"
     assert len(failure_reason(RuntimeError("x" * 5000))) == 400
+
+
+def test_aggregator_with_too_few_updates_fails_the_round_not_the_run():
+    rec = _Recorder()
+    strategy = FedLoRAStrategy(initial_arrays=REF, aggregator="krum", aggregator_params={"num_malicious": 1},
+                               recorder=rec)
+    good = [np.ones((4, 3), np.float32), np.ones(5, np.float32)]
+    results = [(GridClientProxy(i, None, 0), _res(good, 10, i)) for i in range(3)]
+    params, metrics = strategy.aggregate_fit(1, results, [])
+    assert params is None and "2f+3" in metrics["aggregation_error"]
+    np.testing.assert_array_equal(strategy.global_arrays[0], REF[0])
+
+
+def test_centered_clipping_reference_carries_across_rounds():
+    strategy = FedLoRAStrategy(initial_arrays=[np.zeros(4, np.float32)], aggregator="centered_clipping",
+                               aggregator_params={"tau": 1.0, "iterations": 1})
+    far = [np.full(4, 10.0, np.float32)]
+    results = [(GridClientProxy(i, None, 0), _res(far, 10, i)) for i in range(3)]
+    strategy.aggregate_fit(1, results, [])
+    first = strategy.reference.copy()
+    assert np.linalg.norm(first) == pytest.approx(1.0, rel=1e-5)  # one clipped step of radius tau
+    strategy.aggregate_fit(2, results, [])
+    # The second round starts from the first round's aggregate, so it moves further.
+    assert np.linalg.norm(strategy.reference) == pytest.approx(2.0, rel=1e-5)
