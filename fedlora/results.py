@@ -82,12 +82,11 @@ class RunRecorder:
         self.resumed_from: int | None = None
         self.start = time.time()
 
-    def restore(self, payload: dict[str, Any], up_to_round: int) -> None:
-        """Continue a run from its ``results.json``: rounds up to the checkpoint, the
-        ledger (never reset) and each client's last reported epsilon."""
+    def restore(self, payload: dict[str, Any], ledger: PrivacyLedger, up_to_round: int) -> None:
+        """Continue a run: its ``results.json`` rounds up to the checkpoint, the
+        checkpoint's ledger (never reset) and each client's last reported epsilon."""
         self.rounds = {int(r["round"]): r for r in payload.get("rounds", []) if int(r["round"]) <= up_to_round}
-        self.ledger = PrivacyLedger.from_dict(payload.get("privacy_ledger", {}))
-        self.ledger.entries = [e for e in self.ledger.entries if e.round <= up_to_round]
+        self.ledger = ledger
         self.attack = payload.get("attack", self.attack)
         for r in sorted(self.rounds):
             for c in self.rounds[r].get("clients", []):

@@ -115,8 +115,11 @@ def run_server(
     if resume:
         ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT)
         strategy.restore(ckpt)
-        recorder.restore(json.loads((Path(run_dir) / "results.json").read_text()), ckpt.round)
-        recorder.ledger = PrivacyLedger.from_dict(ckpt.state.get("privacy_ledger", {}))
+        recorder.restore(
+            json.loads((Path(run_dir) / "results.json").read_text()),
+            PrivacyLedger.from_dict(ckpt.state.get("privacy_ledger", {})),
+            ckpt.round,
+        )
         strategy.client_histories = recorder.ledger.client_histories("sample")
         remaining = int(fed.rounds) - ckpt.round
         echo(f"resuming after round {ckpt.round}: {remaining} round(s) left")
