@@ -81,6 +81,16 @@ class RunRecorder:
         self.attack: dict[str, Any] = {"name": "none", "clients": []}
         self.resumed_from: int | None = None
         self.start = time.time()
+        # Observers of the run (tracking, audit, progress display): each may define
+        # ``on_round(record, recorder)`` (after every evaluated round, results.json
+        # already written) and ``on_finish(final, recorder)``.
+        self.listeners: list[Any] = []
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for listener in self.listeners:
+            handler = getattr(listener, event, None)
+            if handler is not None:
+                handler(*args, self)
 
     def restore(self, payload: dict[str, Any], ledger: PrivacyLedger, up_to_round: int) -> None:
         """Continue a run: its ``results.json`` rounds up to the checkpoint, the
@@ -175,6 +185,7 @@ class RunRecorder:
         rec["elapsed_s"] = round(time.time() - self.start, 3)
         self.echo(self._progress_line(rec))
         self.write()
+        self._notify("on_round", rec)
 
     def on_federated_evaluate(self, server_round: int, loss: float, accuracy: float, n: int) -> None:
         rec = self._round(server_round)
@@ -212,6 +223,7 @@ class RunRecorder:
             **extra,
         }
         self.write()
+        self._notify("on_finish", self.final)
         return self.final
 
     def epsilon_by_accountant(self) -> dict[str, float | None]:
