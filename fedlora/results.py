@@ -80,6 +80,8 @@ class RunRecorder:
         # Which clients were malicious and how (robustness experiments), for auditing.
         self.attack: dict[str, Any] = {"name": "none", "clients": []}
         self.resumed_from: int | None = None
+        # Where the run is tracked (e.g. the W&B run's id, mode and local dir).
+        self.tracking: dict[str, Any] = {}
         self.start = time.time()
         # Observers of the run (tracking, audit, progress display): each may define
         # ``on_round(record, recorder)`` (after every evaluated round, results.json
@@ -169,6 +171,9 @@ class RunRecorder:
         rec["num_accepted"] = sum(bool(c.get("accepted")) for c in clients)
         rec["num_rejected"] = len(rejected)
         rec["aggregation_s"] = agg_s
+        # Payload bytes of the adapter tensors each way, as the strategy counted them.
+        for key in ("bytes_up", "bytes_down"):
+            rec[key] = sum(int(c.get(key) or 0) for c in clients + rec["failures"])
         if aggregation_error:
             rec["aggregation_error"] = aggregation_error
         qerr = [c["quantization_error"] for c in clients if c.get("quantization_error") is not None]
@@ -239,6 +244,7 @@ class RunRecorder:
             "final": self.final,
             "attack": self.attack,
             "privacy_ledger": self.ledger.to_dict(),
+            "tracking": self.tracking,
         }
 
     def write(self) -> None:

@@ -20,6 +20,7 @@ from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import ClientDPPlan, check_budget, client_level_plan
 from fedlora.runtime import get_bundle
 from fedlora.secure import check_secure
+from fedlora.tracking import check_tracking
 from fedlora.attacks import malicious_clients
 from fedlora.privacy.calibration import clients_per_round
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
@@ -133,6 +134,7 @@ def check_client_dp_aggregator(name: str) -> None:
 
 def preflight(cfg: Any) -> Preflight:
     check_federation(cfg)
+    check_tracking(cfg)
     task = load_task_data_cached(cfg.data, int(cfg.seed))
     n = int(cfg.federation.num_clients)
     sizes, plans = [], []

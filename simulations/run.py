@@ -26,7 +26,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from fedlora.checkpoint import CHECKPOINT  # noqa: E402
 from fedlora.config import plain_config  # noqa: E402
@@ -54,6 +55,25 @@ def resume_config(cfg: Any, run_dir: Path) -> tuple[Any, Path]:
     saved = OmegaConf.load(run_dir / "config.yaml")
     saved.resume = True
     return saved, run_dir
+
+
+def job_labels(hydra_cfg: Any) -> dict[str, str]:
+    """Tracking name and group of this Hydra job: a multirun's jobs share one group (the
+    sweep dir) and are named by job number and overrides; a single run by its overrides."""
+    overrides = str(hydra_cfg.job.override_dirname or "")
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        name = f"job {hydra_cfg.job.num}" + (f": {overrides}" if overrides else "")
+        return {"group": str(hydra_cfg.sweep.dir), "name": name}
+    return {"name": overrides} if overrides else {}
+
+
+def with_job_labels(cfg: DictConfig, labels: dict[str, str]) -> DictConfig:
+    """Fill ``tracking.name`` / ``tracking.group`` where the user left them null."""
+    with open_dict(cfg):
+        for key, value in labels.items():
+            if cfg.tracking.get(key) is None:
+                cfg.tracking[key] = value
+    return cfg
 
 
 def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
@@ -134,7 +154,9 @@ def final_line(final: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    cfg = with_job_labels(cfg, job_labels(hydra_cfg))
     try:
         final = run_experiment(cfg, run_dir)
     except ConfigError as err:

@@ -58,6 +58,11 @@ class _Excluding(Criterion):
         return client.cid not in self.excluded
 
 
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of the serialized tensors in a message (Flower's framing not counted)."""
+    return sum(len(t) for t in parameters.tensors)
+
+
 def failure_reason(failure: Any, limit: int = 400) -> str:
     """A client failure in one readable line: the last line of its error, shortened."""
     if isinstance(failure, BaseException):
@@ -150,6 +155,8 @@ class FedLoRAStrategy(Strategy):
         self.rng = np.random.default_rng(noise_seed)
         # Clients that declined because another round would exceed their privacy budget.
         self.exhausted: set[str] = set()
+        # Payload bytes of the global adapter in this round's fit instructions.
+        self.bytes_down_per_client = 0
 
     def __repr__(self) -> str:
         if self.client_dp is not None:
@@ -185,6 +192,7 @@ class FedLoRAStrategy(Strategy):
         if self.client_histories:
             config["dp_histories"] = json.dumps(self.client_histories)
         ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
+        self.bytes_down_per_client = payload_bytes(ins.parameters)
         if self.client_dp is not None:
             return self._configure_poisson(server_round, client_manager, ins)
         # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
@@ -234,7 +242,8 @@ class FedLoRAStrategy(Strategy):
         rejected: list[dict[str, Any]] = []
         accepted: list[tuple[list[np.ndarray], int]] = []
         for proxy, res in results:
-            info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics}
+            info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics,
+                    "bytes_up": payload_bytes(res.parameters), "bytes_down": self.bytes_down_per_client}
             if res.metrics.get("declined"):
                 self.exhausted.add(proxy.cid)
                 info["accepted"] = False
@@ -256,7 +265,8 @@ class FedLoRAStrategy(Strategy):
             clients.append(info)
         for failure in failures:
             reason = failure_reason(failure)
-            rejected.append({"cid": None, "accepted": False, "reason": reason})
+            rejected.append({"cid": None, "accepted": False, "reason": reason,
+                             "bytes_down": self.bytes_down_per_client})
             log(WARNING, "round %s: client failure: %s", server_round, reason)
 
         if self.client_dp is not None:

@@ -27,6 +27,7 @@ from fedlora.privacy.calibration import client_level_plan
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
+from fedlora.tracking import attach_tracking
 from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.training import evaluate, tokenize
 from strategies.fedlora_strategy import FedLoRAStrategy
@@ -89,6 +90,7 @@ def run_server(
         accountant=str(privacy.get("accountant", "rdp")),
         echo=echo,
     )
+    attach_tracking(recorder, cfg)  # progress display, W&B run (tracking.*)
     fed = cfg.federation
     recorder.attack = {
         **OmegaConf.to_container(cfg.attack, resolve=True),

@@ -1,0 +1,145 @@
+"""Round progress on the terminal: a bar over rounds with the current accuracy and epsilon.
+
+On a terminal (stdout is a TTY) a tqdm bar counts the federation's rounds and shows the
+last test accuracy and the epsilon spent so far, with its unit and delta. Everywhere
+else (CI logs, a captured subprocess, ``run.log``) the run prints only its plain round
+lines, which tools and tests read, so they stay exactly as the recorder writes them;
+on a terminal those lines are still printed, above the bar.
+
+Under a Hydra multirun the jobs run one after another in one process; each job gets its
+own bar, prefixed with its label (job number and overrides), and leaves it behind as a
+one-line summary when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from fedlora.errors import ConfigError
+from fedlora.results import PRIVACY_UNIT_LABEL
+
+PROGRESS_MODES = ("auto", "bar", "plain")
+
+# Loggers whose console output would otherwise be drawn over the bar (Flower logs every
+# round to stdout).
+CONSOLE_LOGGERS = ("flwr",)
+
+
+def wants_bar(mode: str, stream: TextIO) -> bool:
+    """``auto``: a bar only on a terminal; ``bar`` / ``plain`` force one or the other."""
+    if mode not in PROGRESS_MODES:
+        raise ConfigError("tracking.progress", f"unknown progress display {mode!r}; choose one of {PROGRESS_MODES}")
+    if mode == "auto":
+        isatty = getattr(stream, "isatty", None)
+        return bool(isatty and isatty())
+    return mode == "bar"
+
+
+def postfix_text(record: dict[str, Any], privacy_unit: str, delta: float | None) -> str:
+    """What the bar shows after itself: accuracy, and epsilon with its unit and delta."""
+    acc = record.get("accuracy")
+    parts = [f"acc {'n/a' if acc is None else f'{acc:.4f}'}"]
+    if privacy_unit == "none":
+        parts.append("no DP")
+    else:
+        eps = record.get("epsilon")
+        eps_text = "n/a" if eps is None else f"{eps:.3f}"
+        parts.append(f"eps {eps_text} ({PRIVACY_UNIT_LABEL[privacy_unit]}, delta={delta:g})")
+    return " | ".join(parts)
+
+
+class RoundProgress:
+    """A RunRecorder listener that draws a progress bar over the federation's rounds.
+
+    Parameters
+    ----------
+    num_rounds : int
+        Rounds planned for the run (the bar's total).
+    label : str, optional
+        Shown in front of the bar: under a multirun, the job number and its overrides.
+    stream : file, optional
+        Where the bar is drawn; default ``sys.stdout``.
+    """
+
+    def __init__(self, num_rounds: int, label: str | None = None, stream: TextIO | None = None) -> None:
+        self.num_rounds = int(num_rounds)
+        self.label = label
+        self.stream = stream if stream is not None else sys.stdout
+        self.bar: tqdm | None = None
+        self._patched: list[logging.Handler] = []
+
+    def wrap_echo(self, echo: Callable[[str], None]) -> Callable[[str], None]:
+        """``echo`` that lifts the bar out of the way, so a line never lands inside it."""
+
+        def echo_above_bar(line: str) -> None:
+            if self.bar is None:
+                echo(line)
+                return
+            with tqdm.external_write_mode(file=self.stream):
+                echo(line)
+
+        return echo_above_bar
+
+    def _open(self) -> None:
+        # Opened at the first evaluated round, not before: the lines printed while the
+        # model loads and the federation starts come out as plain lines.
+        self.bar = tqdm(
+            total=self.num_rounds,
+            desc=f"[{self.label}] " if self.label else "",
+            unit="round",
+            file=self.stream,
+            leave=True,
+            dynamic_ncols=True,
+            bar_format="{desc}round {n_fmt}/{total_fmt} |{bar:20}| {elapsed}<{remaining}{postfix}",
+        )
+        self._route_console_logs()
+
+    def _route_console_logs(self) -> None:
+        """Flower's console log lines go above the bar too, keeping Flower's own format."""
+        for name in CONSOLE_LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                stream = getattr(handler, "stream", None)
+                if not isinstance(handler, logging.StreamHandler) or stream not in (sys.stdout, sys.stderr):
+                    continue
+                emit = handler.emit
+
+                def emit_above_bar(record: logging.LogRecord, _emit=emit, _stream=stream) -> None:
+                    with tqdm.external_write_mode(file=_stream):
+                        _emit(record)
+
+                handler.emit = emit_above_bar  # instance attribute; removed in close()
+                self._patched.append(handler)
+
+    def on_round(self, record: dict[str, Any], recorder: Any) -> None:
+        if self.bar is None:
+            self._open()
+        self.bar.n = min(int(record["round"]), self.num_rounds)
+        self.bar.set_postfix_str(postfix_text(record, recorder.privacy_unit, recorder.delta), refresh=False)
+        self.bar.refresh()
+
+    def on_finish(self, final: dict[str, Any], recorder: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leave the bar as it stands and give Flower's console logging back."""
+        for handler in self._patched:
+            handler.__dict__.pop("emit", None)
+        self._patched = []
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def make_progress(tracking: Any, num_rounds: int, stream: TextIO | None = None) -> RoundProgress | None:
+    """The bar for ``tracking.progress`` (auto | bar | plain), or None for plain lines."""
+    stream = stream if stream is not None else sys.stdout
+    mode = str(tracking.get("progress", "auto") or "auto")
+    if not wants_bar(mode, stream):
+        return None
+    label = tracking.get("name")
+    return RoundProgress(num_rounds, label=str(label) if label else None, stream=stream)
