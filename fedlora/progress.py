@@ -85,11 +85,14 @@ class RoundProgress:
 
         return echo_above_bar
 
-    def _open(self) -> None:
+    def _open(self, done: int, postfix: str) -> None:
         # Opened at the first evaluated round, not before: the lines printed while the
-        # model loads and the federation starts come out as plain lines.
+        # model loads and the federation starts come out as plain lines. ``done`` is
+        # not 0 after a resume.
         self.bar = tqdm(
             total=self.num_rounds,
+            initial=done,
+            postfix=postfix,
             desc=f"[{self.label}] " if self.label else "",
             unit="round",
             file=self.stream,
@@ -116,10 +119,13 @@ class RoundProgress:
                 self._patched.append(handler)
 
     def on_round(self, record: dict[str, Any], recorder: Any) -> None:
+        done = min(int(record["round"]), self.num_rounds)
+        postfix = postfix_text(record, recorder.privacy_unit, recorder.delta)
         if self.bar is None:
-            self._open()
-        self.bar.n = min(int(record["round"]), self.num_rounds)
-        self.bar.set_postfix_str(postfix_text(record, recorder.privacy_unit, recorder.delta), refresh=False)
+            self._open(done, postfix)
+            return
+        self.bar.n = done
+        self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.refresh()
 
     def on_finish(self, final: dict[str, Any], recorder: Any) -> None:

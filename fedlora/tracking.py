@@ -91,10 +91,6 @@ def round_metrics(record: dict[str, Any], privacy_unit: str) -> dict[str, Any]:
     for key in ("bytes_up", "bytes_down"):
         if record.get(key) is not None:
             metrics[f"traffic/{key}"] = record[key]
-    fed_eval = record.get("federated_evaluation") or {}
-    for key in ("accuracy", "loss"):
-        if fed_eval.get(key) is not None:
-            metrics[f"federated_eval/{key}"] = fed_eval[key]
     if record.get("secagg_quantization_error") is not None:
         metrics["secagg/quantization_error"] = record["secagg_quantization_error"]
     return metrics

@@ -4,6 +4,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# W&B tracking is on by default; tests never reach wandb.ai.
+os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from fedlora.training import evaluate, tokenize
 
 pytestmark = pytest.mark.integration
 
+STARTED = {}
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -26,6 +29,7 @@ def run_dir(tmp_path_factory):
         "model.max_length=48", "train.batch_size=8", "train.local_steps=2",
         f"hydra.run.dir={out}",
     ]
+    STARTED["time"] = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FINAL test accuracy" in proc.stdout
@@ -96,4 +100,24 @@ def test_no_ray_process_left_behind(run_dir):
     # Ray services of this environment (another checkout's runs are not ours to judge).
     leftovers = [line for line in out.splitlines()
                  if ("raylet" in line or "gcs_server" in line) and sys.prefix in line]
+    assert not leftovers, leftovers
+
+
+def test_tracked_offline_in_wandb_and_no_wandb_process_left(run_dir):
+    import psutil
+
+    res = json.loads((run_dir / "results.json").read_text())
+    where = res["tracking"]["wandb"]
+    assert where["mode"] == "offline" and where["dir"].startswith(str(run_dir / "wandb" / "offline-run-"))
+    assert next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).stat().st_size > 0
+    for r in res["rounds"][1:]:
+        assert r["bytes_up"] > 0 and r["bytes_down"] >= r["bytes_up"] // 2
+    # wandb's service process watches the process that started it (--pid); one of this
+    # run's still alive after that process exited would be left behind.
+    leftovers = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = proc.info["cmdline"] or []
+        if any("wandb-core" in part for part in cmd) and "--pid" in cmd and proc.info["create_time"] >= STARTED["time"]:
+            if not psutil.pid_exists(int(cmd[cmd.index("--pid") + 1])):
+                leftovers.append(" ".join(cmd))
     assert not leftovers, leftovers

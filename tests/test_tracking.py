@@ -232,3 +232,20 @@ def test_strategy_counts_the_bytes_each_way(tmp_path):
     assert rec["bytes_up"] == 2 * payload_bytes(ndarrays_to_parameters(update))
     assert rec["bytes_down"] == 3 * sent  # the lost client was sent the adapter too
     assert [c["bytes_up"] for c in rec["clients"]] == [payload_bytes(ndarrays_to_parameters(update))] * 2
+
+
+def test_multirun_jobs_share_a_group_and_are_named_by_job_and_overrides():
+    from hydra.types import RunMode
+
+    from simulations.run import job_labels, with_job_labels
+
+    def hydra_cfg(mode, num=0, overrides=""):
+        return OmegaConf.create({"mode": mode, "sweep": {"dir": "multirun/2026-11-28/10-00-00"},
+                                 "job": {"num": num, "override_dirname": overrides}})
+
+    multi = job_labels(hydra_cfg(RunMode.MULTIRUN, 2, "privacy.target_epsilon=3"))
+    assert multi == {"group": "multirun/2026-11-28/10-00-00", "name": "job 2: privacy.target_epsilon=3"}
+    assert job_labels(hydra_cfg(RunMode.RUN, 0, "seed=1")) == {"name": "seed=1"}
+    assert job_labels(hydra_cfg(RunMode.RUN)) == {}
+    cfg = with_job_labels(_cfg(group="mine"), multi)
+    assert cfg.tracking.group == "mine" and cfg.tracking.name == "job 2: privacy.target_epsilon=3"

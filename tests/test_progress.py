@@ -1,0 +1,89 @@
+"""Round progress display: a bar on a terminal, the plain round lines everywhere else."""
+
+import io
+import logging
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedlora.errors import ConfigError
+from fedlora.progress import RoundProgress, make_progress, postfix_text
+from fedlora.results import RunRecorder
+from fedlora.tracking import attach_tracking
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _rounds(recorder: RunRecorder) -> None:
+    recorder.on_evaluate(0, 0.69, {"accuracy": 0.5})
+    for rnd, eps in ((1, 1.5), (2, 2.25)):
+        recorder.on_fit(rnd, [{"cid": 0, "epsilon": eps, "accepted": True}], [], 0.01)
+        recorder.on_evaluate(rnd, 0.6, {"accuracy": 0.5 + rnd / 8})
+
+
+def test_not_a_terminal_keeps_the_plain_round_lines(tmp_path):
+    assert make_progress({"progress": "auto"}, 2, stream=io.StringIO()) is None
+    cfg = OmegaConf.create({"tracking": {"backend": "none", "progress": "auto"}})
+    lines: list[str] = []
+    recorder = RunRecorder(tmp_path, {}, "sample", 1e-5, 2, echo=lines.append)
+    assert attach_tracking(recorder, cfg) == []  # pytest's captured stdout is no TTY
+    _rounds(recorder)
+    assert lines[0].startswith("round 0/2 | test accuracy 0.5000 | loss 0.6900 | ")
+    assert lines[2].startswith("round 2/2 | test accuracy 0.7500 | loss 0.6000 | eps 2.250 (delta=1e-05, "
+                               "sample-level, max over clients) | clients ok 1, rejected 0 | ")
+    assert len(lines) == 3
+
+
+def test_bar_shows_rounds_accuracy_and_epsilon_with_its_unit(tmp_path):
+    stream = _Terminal()
+    progress = make_progress({"progress": "auto", "name": "job 3: privacy.target_epsilon=3"}, 2, stream=stream)
+    assert isinstance(progress, RoundProgress)
+    recorder = RunRecorder(tmp_path, {}, "sample", 1e-5, 2, echo=lambda line: stream.write(line + "\n"))
+    recorder.echo = progress.wrap_echo(recorder.echo)
+    recorder.listeners.append(progress)
+    _rounds(recorder)
+    recorder.finalize()
+    out = stream.getvalue()
+    last = out.rstrip("\n").split("\r")[-1]
+    assert last.startswith("[job 3: privacy.target_epsilon=3] round 2/2 |")
+    assert last.endswith("acc 0.7500 | eps 2.250 (sample-level, delta=1e-05)")
+    # Round lines land on lines of their own, the bar cleared out of their way first.
+    assert "\rround 2/2 | test accuracy 0.7500" in out
+    assert progress.bar is None  # closed at the end of the run
+
+
+def test_forced_modes_and_bad_mode():
+    assert make_progress({"progress": "plain"}, 2, stream=_Terminal()) is None
+    assert make_progress({"progress": "bar"}, 2, stream=io.StringIO()) is not None
+    with pytest.raises(ConfigError) as err:
+        make_progress({"progress": "fancy"}, 2, stream=io.StringIO())
+    assert err.value.setting == "tracking.progress"
+
+
+def test_postfix_without_dp_says_so():
+    assert postfix_text({"accuracy": None}, "none", None) == "acc n/a | no DP"
+    assert postfix_text({"accuracy": 0.5, "epsilon": 4.0}, "client", 1e-3) == \
+        "acc 0.5000 | eps 4.000 (client-level, delta=0.001)"
+
+
+def test_flower_console_log_goes_above_the_bar_and_is_given_back(tmp_path, monkeypatch):
+    import sys
+
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stdout", stream)
+    logger = logging.getLogger("flwr")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        progress = RoundProgress(2, stream=stream)
+        progress.on_round({"round": 0, "accuracy": 0.5}, RunRecorder(tmp_path, {}, "none", None, 2))
+        assert "emit" in handler.__dict__
+        logger.warning("[ROUND 1]")
+        assert "\r[ROUND 1]\n" in stream.getvalue()
+        progress.close()
+        assert "emit" not in handler.__dict__
+    finally:
+        logger.removeHandler(handler)
