@@ -14,6 +14,7 @@ one-line summary when it ends.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -28,6 +29,8 @@ PROGRESS_MODES = ("auto", "bar", "plain")
 # Loggers whose console output would otherwise be drawn over the bar (Flower logs every
 # round to stdout).
 CONSOLE_LOGGERS = ("flwr",)
+FALLBACK_SIZE = (120, 24)  # columns, lines
+LABEL_WIDTH = 40
 
 
 def wants_bar(mode: str, stream: TextIO) -> bool:
@@ -53,25 +56,78 @@ def postfix_text(record: dict[str, Any], privacy_unit: str, delta: float | None)
     return " | ".join(parts)
 
 
+def _screen(stream: TextIO) -> dict[str, Any]:
+    """Follow the terminal's size. A terminal that reports none (a pseudo-terminal whose
+    size was never set, e.g. ``docker run -t``) reads as 0 x 0, for which tqdm draws
+    nothing at all, so it gets a fixed size."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        if size.columns > 0 and size.lines > 0:
+            return {"dynamic_ncols": True}
+    except (AttributeError, OSError, ValueError):
+        pass
+    return {"ncols": FALLBACK_SIZE[0], "nrows": FALLBACK_SIZE[1]}
+
+
+class _AboveBar:
+    """A stand-in for ``sys.stdout`` / ``sys.stderr`` while the bar is shown: whole lines
+    are written above the bar (Ray's relayed client output, warnings, prints); a partial
+    line waits for its newline so it never lands inside the bar."""
+
+    def __init__(self, wrapped: TextIO, bar_stream: TextIO) -> None:
+        self.wrapped = wrapped
+        self._bar_stream = bar_stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        if "\n" in self._pending:
+            lines, _, self._pending = self._pending.rpartition("\n")
+            with tqdm.external_write_mode(file=self._bar_stream):
+                self.wrapped.write(lines + "\n")
+                self.wrapped.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.wrapped.flush()
+
+    def release(self) -> None:
+        if self._pending:
+            self.wrapped.write(self._pending)
+            self._pending = ""
+        self.wrapped.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
 class RoundProgress:
     """A RunRecorder listener that draws a progress bar over the federation's rounds.
+
+    While the bar is shown, everything else written to the terminal (the round lines,
+    Flower's log, Ray's relayed client output) is written above it, so the bar stays
+    the last line and is never torn by another line.
 
     Parameters
     ----------
     num_rounds : int
         Rounds planned for the run (the bar's total).
     label : str, optional
-        Shown in front of the bar: under a multirun, the job number and its overrides.
+        Shown in front of the bar: under a multirun, the job number and its overrides
+        (cut to ``LABEL_WIDTH`` characters).
     stream : file, optional
         Where the bar is drawn; default ``sys.stdout``.
     """
 
     def __init__(self, num_rounds: int, label: str | None = None, stream: TextIO | None = None) -> None:
         self.num_rounds = int(num_rounds)
+        if label and len(label) > LABEL_WIDTH:
+            label = label[: LABEL_WIDTH - 3] + "..."
         self.label = label
         self.stream = stream if stream is not None else sys.stdout
         self.bar: tqdm | None = None
         self._patched: list[logging.Handler] = []
+        self._swapped: dict[str, _AboveBar] = {}
 
     def wrap_echo(self, echo: Callable[[str], None]) -> Callable[[str], None]:
         """``echo`` that lifts the bar out of the way, so a line never lands inside it."""
@@ -88,7 +144,8 @@ class RoundProgress:
     def _open(self, done: int, postfix: str) -> None:
         # Opened at the first evaluated round, not before: the lines printed while the
         # model loads and the federation starts come out as plain lines. ``done`` is
-        # not 0 after a resume.
+        # not 0 after a resume. Accuracy and epsilon come right after the round count,
+        # so a narrow terminal cuts the timing off, not them.
         self.bar = tqdm(
             total=self.num_rounds,
             initial=done,
@@ -97,26 +154,36 @@ class RoundProgress:
             unit="round",
             file=self.stream,
             leave=True,
-            dynamic_ncols=True,
-            bar_format="{desc}round {n_fmt}/{total_fmt} |{bar:20}| {elapsed}<{remaining}{postfix}",
+            **_screen(self.stream),
+            bar_format="{desc}round {n_fmt}/{total_fmt}{postfix} |{bar}| {elapsed}<{remaining}",
         )
         self._route_console_logs()
+        self._route_std_streams()
 
     def _route_console_logs(self) -> None:
         """Flower's console log lines go above the bar too, keeping Flower's own format."""
+        terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
         for name in CONSOLE_LOGGERS:
             for handler in logging.getLogger(name).handlers:
-                stream = getattr(handler, "stream", None)
-                if not isinstance(handler, logging.StreamHandler) or stream not in (sys.stdout, sys.stderr):
+                if not isinstance(handler, logging.StreamHandler) or handler.stream not in terminal:
                     continue
                 emit = handler.emit
 
-                def emit_above_bar(record: logging.LogRecord, _emit=emit, _stream=stream) -> None:
-                    with tqdm.external_write_mode(file=_stream):
+                def emit_above_bar(record: logging.LogRecord, _emit=emit) -> None:
+                    with tqdm.external_write_mode(file=self.stream):
                         _emit(record)
 
                 handler.emit = emit_above_bar  # instance attribute; removed in close()
                 self._patched.append(handler)
+
+    def _route_std_streams(self) -> None:
+        # Only when the bar is on the real terminal: a bar drawn elsewhere (a test's
+        # buffer) has nothing to protect on stdout / stderr.
+        if self.stream not in (sys.stdout, sys.__stdout__):
+            return
+        for name in ("stdout", "stderr"):
+            self._swapped[name] = _AboveBar(getattr(sys, name), self.stream)
+            setattr(sys, name, self._swapped[name])
 
     def on_round(self, record: dict[str, Any], recorder: Any) -> None:
         done = min(int(record["round"]), self.num_rounds)
@@ -132,10 +199,16 @@ class RoundProgress:
         self.close()
 
     def close(self) -> None:
-        """Leave the bar as it stands and give Flower's console logging back."""
+        """Leave the bar as it stands and give the terminal streams and Flower's
+        console logging back."""
         for handler in self._patched:
             handler.__dict__.pop("emit", None)
         self._patched = []
+        for name, proxy in self._swapped.items():
+            if getattr(sys, name) is proxy:
+                setattr(sys, name, proxy.wrapped)
+            proxy.release()
+        self._swapped = {}
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -48,8 +48,9 @@ def test_bar_shows_rounds_accuracy_and_epsilon_with_its_unit(tmp_path):
     recorder.finalize()
     out = stream.getvalue()
     last = out.rstrip("\n").split("\r")[-1]
-    assert last.startswith("[job 3: privacy.target_epsilon=3] round 2/2 |")
-    assert last.endswith("acc 0.7500 | eps 2.250 (sample-level, delta=1e-05)")
+    # Accuracy and epsilon (with unit and delta) first, so a narrow terminal cuts the timing.
+    assert last.startswith("[job 3: privacy.target_epsilon=3] round 2/2, acc 0.7500 | "
+                           "eps 2.250 (sample-level, delta=1e-05) |##########| ")
     # Round lines land on lines of their own, the bar cleared out of their way first.
     assert "\rround 2/2 | test accuracy 0.7500" in out
     assert progress.bar is None  # closed at the end of the run
@@ -69,7 +70,12 @@ def test_postfix_without_dp_says_so():
         "acc 0.5000 | eps 4.000 (client-level, delta=0.001)"
 
 
-def test_flower_console_log_goes_above_the_bar_and_is_given_back(tmp_path, monkeypatch):
+def test_long_label_is_cut():
+    progress = RoundProgress(2, label="job 12: " + ",".join(f"param{i}=value{i}" for i in range(9)))
+    assert len(progress.label) == 40 and progress.label.endswith("...")
+
+
+def test_terminal_output_goes_above_the_bar_and_is_given_back(tmp_path, monkeypatch):
     import sys
 
     stream = _Terminal()
@@ -83,7 +89,13 @@ def test_flower_console_log_goes_above_the_bar_and_is_given_back(tmp_path, monke
         assert "emit" in handler.__dict__
         logger.warning("[ROUND 1]")
         assert "\r[ROUND 1]\n" in stream.getvalue()
+        # Ray relays client output with print(): it waits for its newline, then goes above.
+        print("(ClientAppActor pid=1) warn", end="")
+        assert "warn" not in stream.getvalue()
+        print(" more", file=sys.stderr)  # stderr is the same terminal here
+        print()
+        assert "\r(ClientAppActor pid=1) warn\n" in stream.getvalue()
         progress.close()
-        assert "emit" not in handler.__dict__
+        assert "emit" not in handler.__dict__ and sys.stdout is stream
     finally:
         logger.removeHandler(handler)
