@@ -80,6 +80,8 @@ class RunRecorder:
         # Which clients were malicious and how (robustness experiments), for auditing.
         self.attack: dict[str, Any] = {"name": "none", "clients": []}
         self.resumed_from: int | None = None
+        # Why the run stopped early (a failed round), with the command to continue it.
+        self.stopped: dict[str, Any] | None = None
         self.start = time.time()
         # Observers of the run (tracking, audit, progress display): each may define
         # ``on_round(record, recorder)`` (after every evaluated round, results.json
@@ -207,6 +209,18 @@ class RunRecorder:
         parts.append(f"{rec['elapsed_s']:.1f}s")
         return " | ".join(parts)
 
+    def stop(self, reason: str) -> None:
+        """The run ends early after its last checkpointed round; it can be resumed."""
+        self.stopped = {
+            "reason": reason,
+            "after_round": max(self.rounds, default=0),
+            "run_dir": str(self.run_dir),
+        }
+        self.echo(f"run stopped: {reason}; its checkpoint and privacy ledger are in {self.run_dir}; "
+                  f"continue with `python -m simulations.run resume={self.run_dir}` (simulation) or "
+                  f"`python -m fedlora.deploy run --resume --run-dir {self.run_dir} ...` (deployment)")
+        self.write()
+
     def finalize(self, **extra: Any) -> dict[str, Any]:
         last = self.rounds[max(self.rounds)] if self.rounds else {}
         self.final = {
@@ -239,6 +253,7 @@ class RunRecorder:
             "final": self.final,
             "attack": self.attack,
             "privacy_ledger": self.ledger.to_dict(),
+            "stopped": self.stopped,
         }
 
     def write(self) -> None:

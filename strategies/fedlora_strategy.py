@@ -48,6 +48,10 @@ from strategies.validation import validate_update
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
 
 
+class RoundFailed(RuntimeError):
+    """Fewer valid results than the round needs; the run stops after checkpointing."""
+
+
 class _Excluding(Criterion):
     """Sample only clients not in ``excluded`` (e.g. those whose budget is spent)."""
 
@@ -102,6 +106,11 @@ class FedLoRAStrategy(Strategy):
     on_round_end : callable, optional
         Called as ``on_round_end(server_round, strategy)`` after every aggregation
         (the server app writes its checkpoint there).
+    min_fit_results : int, optional
+        A round with fewer valid updates fails (:class:`RoundFailed`) after it is
+        recorded and checkpointed; None accepts any number. Clients that trained in it
+        spent privacy budget, so the ledger keeps the round and a resumed run goes on
+        with the next one (repeating it would spend more than was planned).
     """
 
     def __init__(
@@ -121,6 +130,7 @@ class FedLoRAStrategy(Strategy):
         client_dp: ClientDPPlan | None = None,
         noise_seed: int | None = None,
         on_round_end: Callable[[int, "FedLoRAStrategy"], None] | None = None,
+        min_fit_results: int | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -141,6 +151,7 @@ class FedLoRAStrategy(Strategy):
         self.recorder = recorder
         self.client_dp = client_dp
         self.on_round_end = on_round_end
+        self.min_fit_results = None if min_fit_results is None else int(min_fit_results)
         # After a resume Flower counts rounds from 1 again; ours continue from the checkpoint.
         self.round_offset = 0
         # Sample-level DP histories per client id, sent back to clients after a resume so
@@ -261,6 +272,14 @@ class FedLoRAStrategy(Strategy):
 
         if self.client_dp is not None:
             return self._aggregate_client_dp(server_round, self._stack(accepted), clients, rejected)
+        # Declining (budget spent) is planned, not a failure: when clients declined, the
+        # minimum is capped by those that were still expected to train.
+        declined = sum(bool(c.get("declined")) for c in clients)
+        required = self.min_fit_results
+        if required is not None and declined:
+            required = min(required, len(results) + len(failures) - declined)
+        if required is not None and len(accepted) < required:
+            self._fail_round(server_round, clients, rejected, len(accepted))
         agg_seconds = 0.0
         new_params: Parameters | None = None
         error = None
@@ -286,6 +305,20 @@ class FedLoRAStrategy(Strategy):
             metrics["aggregation_error"] = error
         self._end_round(server_round)
         return new_params, metrics
+
+    def _fail_round(self, server_round: int, clients: list[dict], rejected: list[dict], valid: int) -> None:
+        reasons = "; ".join(sorted({str(r.get("reason")) for r in rejected}))
+        error = (
+            f"round {server_round} failed: {valid} valid update(s) from {len(clients)} result(s) and "
+            f"{len(rejected) - sum(r.get('cid') is not None for r in rejected)} failure(s), fewer than "
+            f"federation.min_fit_results={self.min_fit_results}" + (f" ({reasons})" if reasons else
+            " (too few clients were available to sample)")
+        )
+        log(WARNING, "%s", error)
+        if self.recorder is not None:
+            self.recorder.on_fit(server_round, clients, rejected, 0.0, aggregation_error=error)
+        self._end_round(server_round)
+        raise RoundFailed(error)
 
     def _robust_aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         if self.norm_bound is not None:

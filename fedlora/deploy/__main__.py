@@ -23,6 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from fedlora.config import OVERRIDES_FILE
 from fedlora.deploy import credentials as credentials_cli
 from fedlora.deploy.launch import (
     DEFAULT_PORT,
@@ -94,21 +95,30 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
     return config
 
 
+def _ca_cert(args: argparse.Namespace) -> Path | None:
+    """The CA to verify the SuperLink with: --ca-cert, or the one in --credentials."""
+    if args.insecure:
+        return None
+    if args.ca_cert:
+        return Path(args.ca_cert)
+    return _creds(args).ca_cert
+
+
 def cmd_supernode(args: argparse.Namespace) -> int:
-    creds = _creds(args)
-    ca = None if creds is None else Path(args.ca_cert) if args.ca_cert else creds.ca_cert
-    key = Path(args.key) if args.key else (creds.node_key(args.index) if creds and args.index is not None else None)
-    if creds is not None and key is None:
-        raise DeployError("pass --index I (uses keys/supernode-I from --credentials) or --key PATH: the SuperLink only admits registered SuperNodes")
+    ca = _ca_cert(args)
+    key = Path(args.key) if args.key else None
+    if key is None and ca is not None:
+        if args.index is None or not args.credentials:
+            raise DeployError("pass --key PATH (or --credentials DIR --index I for keys/supernode-I): "
+                              "the SuperLink only admits registered SuperNodes")
+        key = Credentials(Path(args.credentials)).node_key(args.index)
     cmd = supernode_command(args.superlink, _node_config(args), args.port, ca, key)
     check_superlink(args.superlink, ca)
     return _exec(cmd, flower_env())
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    creds = _creds(args)
-    ca = None if creds is None else Path(args.ca_cert) if args.ca_cert else creds.ca_cert
-    path = write_connection(_flwr_home(args), args.name, args.address, ca)
+    path = write_connection(_flwr_home(args), args.name, args.address, _ca_cert(args))
     print(f"connection {args.name!r} -> {args.address} written to {path}")
     return 0
 
@@ -123,6 +133,10 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = " ".join(args.overrides)
+    saved = Path(args.run_dir or "") / OVERRIDES_FILE
+    if args.resume and not overrides and args.run_dir and saved.is_file():
+        # The ClientApps compose the run config's overrides: resume with the original ones.
+        overrides = saved.read_text().strip()
     check_overrides(overrides)
     cmd = [flower_bin("flwr"), "run", str(APP_DIR), args.connection,
            "--run-config", run_config_text(overrides, args.run_dir, args.resume)]

@@ -183,9 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=2, help="number of SuperNode key pairs")
     parser.add_argument("--days", type=int, default=365, help="certificate validity")
     parser.add_argument("--force", action="store_true", help="overwrite existing credentials")
+    parser.add_argument(
+        "--if-missing", action="store_true",
+        help="keep existing credentials and exit 0 (containers that restart; keys stay registered)",
+    )
     args = parser.parse_args(argv)
     if args.supernodes < 0:
         parser.error("--supernodes must be >= 0")
+    if (args.out / "certificates" / "ca.crt").exists() and args.if_missing and not args.force:
+        print(f"credentials in {args.out} kept")
+        return 0
     if (args.out / "certificates" / "ca.crt").exists() and not args.force:
         print(f"error: {args.out}/certificates already exists; pass --force to replace it "
               "(SuperNodes registered with the old keys must then be registered again)", file=sys.stderr)
