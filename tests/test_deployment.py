@@ -65,6 +65,8 @@ class Federation:
         self.env = flower_env(root / "flwr-home")
         self.pids: dict[str, int] = {}
         self.nodes: dict[int, subprocess.Popen] = {}
+        self.registered: set[int] = set()
+        self.partitions: dict[int, int] = {}
         link = start(superlink_command(self.creds, port=self.port), root / "superlink.log", self.env, cwd=APP_DIR)
         self.pids["superlink"] = link.pid
         wait_listening(self.address, link, root / "superlink.log")
@@ -74,8 +76,9 @@ class Federation:
         private, public = Credentials(self.root).node_key(index), Credentials(self.root).node_public_key(index)
         if not private.is_file():
             private, public = make_node_keys(self.root, f"supernode-{index}")
-        if register:
+        if register and index not in self.registered:
             register_supernode(public, CONNECTION, self.env)
+            self.registered.add(index)
         cmd = supernode_command(
             self.address, {"partition-id": index, "num-partitions": num_partitions}, _free_port(),
             self.creds.ca_cert, private, max_wait_s=20,
@@ -83,7 +86,18 @@ class Federation:
         proc = start(cmd, self.root / f"supernode-{index}.log", self.env, cwd=APP_DIR)
         self.pids[f"supernode-{index}"] = proc.pid
         self.nodes[index] = proc
+        self.partitions[index] = num_partitions
         return proc
+
+    def ensure_nodes(self, count: int, num_partitions: int) -> None:
+        """SuperNodes 0..count-1 running and online (tests may run alone or in any order)."""
+        for i in range(count):
+            node = self.nodes.get(i)
+            if node is not None and node.poll() is None and self.partitions[i] != num_partitions:
+                stop(node.pid)  # restarted with this federation's partitioning
+            if node is None or node.poll() is not None:
+                self.add_node(i, num_partitions)
+        wait_for_online(CONNECTION, self.env, count, timeout_s=90)
 
     def flwr_run(self, overrides: str, run_dir: Path, resume: bool = False, log_name: str = "run") -> subprocess.Popen:
         cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION,
@@ -126,9 +140,7 @@ def _wait(proc: subprocess.Popen, fed: Federation, name: str, timeout: float) ->
 
 def test_tls_node_auth_end_to_end(federation, tmp_path):
     """2 registered SuperNodes, 2 rounds of sample-level DP through `flwr run`."""
-    for i in range(2):
-        federation.add_node(i, 2)
-    wait_for_online(CONNECTION, federation.env, 2, timeout_s=90)
+    federation.ensure_nodes(2, 2)
     run_dir = tmp_path / "e2e"
     proc = federation.flwr_run(f"{SMALL} federation.num_clients=2 federation.rounds=2 train.local_steps=2", run_dir, log_name="e2e")
     _wait(proc, federation, "e2e", 420)
@@ -178,8 +190,8 @@ def _clientapp_started(node: subprocess.Popen) -> bool:
 
 def test_round_completes_when_a_supernode_dies(federation, tmp_path):
     """3 SuperNodes, one is killed while it trains: the round ends with the other 2."""
-    node = federation.add_node(2, 3)
-    wait_for_online(CONNECTION, federation.env, 3, timeout_s=90)
+    federation.ensure_nodes(3, 3)
+    node = federation.nodes[2]
     run_dir = tmp_path / "death"
     proc = federation.flwr_run(
         f"{SMALL} federation.num_clients=3 federation.rounds=1 federation.min_fit_clients=2 "
@@ -210,7 +222,10 @@ def test_failed_round_below_minimum_stops_and_resumes(federation, tmp_path):
     overrides = (f"{SMALL} federation.num_clients=3 federation.rounds=2 federation.min_available_clients=2 "
                  "federation.min_fit_clients=2 federation.min_fit_results=3 federation.fraction_evaluate=0 "
                  "train.local_steps=2")
-    # SuperNode 2 was killed by the previous test: 2 live nodes, 3 results required.
+    federation.ensure_nodes(2, 3)
+    if 2 in federation.nodes and federation.nodes[2].poll() is None:
+        stop(federation.nodes[2].pid)
+    # 2 live nodes, 3 results required.
     proc = federation.flwr_run(overrides, run_dir, log_name="fail")
     _wait(proc, federation, "fail", 420)
     res = json.loads((run_dir / "results.json").read_text())
@@ -223,8 +238,7 @@ def test_failed_round_below_minimum_stops_and_resumes(federation, tmp_path):
     eps_failed_round = max(spent.epsilons(accountant).values())
     assert eps_failed_round > 0
 
-    federation.add_node(2, 3, register=False)  # same key, already registered
-    wait_for_online(CONNECTION, federation.env, 3, timeout_s=90)
+    federation.ensure_nodes(3, 3)  # SuperNode 2 back, same key (registered once)
     proc = federation.flwr_run(overrides, run_dir, resume=True, log_name="resumed")
     _wait(proc, federation, "resumed", 420)
     res = json.loads((run_dir / "results.json").read_text())
@@ -235,6 +249,56 @@ def test_failed_round_below_minimum_stops_and_resumes(federation, tmp_path):
     assert res["final"]["epsilon"] == pytest.approx(max(ledger.epsilons(accountant).values()))
     assert res["final"]["epsilon"] > eps_failed_round
     assert {c["cid"] for c in next(r for r in res["rounds"] if r["round"] == 2)["clients"]} == {0, 1, 2}
+
+
+def _serverapp(fed: Federation) -> psutil.Process | None:
+    try:
+        children = psutil.Process(fed.pids["superlink"]).children(recursive=True)
+    except psutil.Error:
+        return None
+    return next((c for c in children if "flwr-serverapp" in " ".join(c.cmdline())), None)
+
+
+def test_killed_server_resumes_with_epsilon_continuing(federation, tmp_path):
+    """The ServerApp process is killed after round 1 of 3; a resumed `flwr run` ends at
+    round 3 and every client's epsilon keeps composing from the checkpointed ledger."""
+    from fedlora.checkpoint import load_checkpoint
+
+    run_dir = tmp_path / "killed"
+    # 2 of the 3 clients per round: each round's ClientApps are fresh processes, and the
+    # machine that runs CI has 2 cores.
+    overrides = (f"{SMALL} federation.num_clients=3 federation.rounds=3 federation.min_available_clients=3 "
+                 "federation.fraction_fit=0.5 federation.fraction_evaluate=0 train.local_steps=2")
+    federation.ensure_nodes(3, 3)
+    proc = federation.flwr_run(overrides, run_dir, log_name="killed")
+    deadline = time.monotonic() + 300
+    while not (run_dir / CHECKPOINT).is_file() and time.monotonic() < deadline:
+        assert proc.poll() is None, federation.log("killed")[-3000:]
+        time.sleep(0.2)
+    server = _serverapp(federation)
+    assert server is not None, "no flwr-serverapp process under the SuperLink"
+    server.kill()
+    stop(proc.pid, grace_s=2)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    assert 1 <= ckpt.round < 3
+    before = PrivacyLedger.from_dict(ckpt.state["privacy_ledger"])
+    accountant = "rdp"
+    eps_before = before.epsilons(accountant)
+
+    proc = federation.flwr_run(overrides, run_dir, resume=True, log_name="killed-resumed")
+    _wait(proc, federation, "killed-resumed", 420)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["final"] is not None, federation.log("killed-resumed")[-3000:]
+    assert res["final"]["rounds_completed"] == 3 and res["final"]["resumed_from_round"] == ckpt.round
+    assert res["config"]["privacy"]["accountant"] == accountant
+    ledger = PrivacyLedger.from_dict(res["privacy_ledger"])
+    assert sorted({e.round for e in ledger.entries}) == [1, 2, 3]
+    eps_after = ledger.epsilons(accountant)
+    assert all(eps_after[c] >= eps_before[c] for c in eps_before)  # never reset
+    # Clients that trained after the resume continued from their checkpointed spend.
+    later = {e.client for e in ledger.entries if e.round > ckpt.round}
+    assert later & set(eps_before) and all(eps_after[c] > eps_before[c] for c in later & set(eps_before))
+    assert res["final"]["epsilon"] == pytest.approx(max(eps_after.values()))
 
 
 def test_bad_override_is_reported_by_the_server(federation, tmp_path):
