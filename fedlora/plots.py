@@ -107,6 +107,7 @@ def plot_epsilon(
     elif target is not None:
         ax.axhline(target, linestyle="--", color="black", linewidth=1)
         handles.append(Line2D([], [], linestyle="--", color="black", linewidth=1, label=f"target {target:g}"))
+    ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"epsilon ({accountant.upper()}, cumulative)")
@@ -120,7 +121,7 @@ def plot_epsilon(
 
 
 # Participation states, in the order of their colours.
-STATES = ("not sampled", "accepted", "not selected by the aggregator", "rejected", "declined (budget)", "no reply")
+STATES = ("not sampled", "accepted", "accepted, not selected by the aggregator", "rejected", "declined (budget)", "no reply")
 _COLOURS = ("#eeeeee", "#2ca02c", "#bcbd22", "#d62728", "#ff7f0e", "#444444")
 
 
@@ -153,7 +154,7 @@ def participation_grid(rounds: list[dict[str, Any]], client_ids: list[str]) -> t
             elif not info.get("accepted"):
                 state = "rejected"
             elif selected is not None and cid not in selected:
-                state = "not selected by the aggregator"
+                state = "accepted, not selected by the aggregator"
             else:
                 state = "accepted"
             grid[row[cid]][col] = STATES.index(state)

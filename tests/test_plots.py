@@ -63,7 +63,7 @@ def test_participation_grid_states(tmp_path):
     names = [[STATES[s] for s in row] for row in grid]
     assert names[0] == ["accepted"] * 3
     assert names[2] == ["rejected", "declined (budget)", "not sampled"]
-    assert names[3] == ["not selected by the aggregator"] * 3  # multi-Krum kept clients 0 and 1
+    assert names[3] == ["accepted, not selected by the aggregator"] * 3  # multi-Krum kept clients 0 and 1
 
 
 def test_client_level_dp_plots_one_curve_for_every_client(tmp_path):
