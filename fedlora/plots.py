@@ -121,7 +121,9 @@ def plot_epsilon(
 
 
 # Participation states, in the order of their colours.
-STATES = ("not sampled", "accepted", "accepted, not selected by the aggregator", "rejected", "declined (budget)", "no reply")
+STATES = (
+    "not sampled", "accepted", "accepted, not selected by the aggregator", "rejected", "declined (budget)", "no reply",
+)
 _COLOURS = ("#eeeeee", "#2ca02c", "#bcbd22", "#d62728", "#ff7f0e", "#444444")
 
 
