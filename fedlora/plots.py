@@ -182,6 +182,8 @@ def plot_participation(
         ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(_COLOURS),
                   norm=BoundaryNorm([i - 0.5 for i in range(len(STATES) + 1)], len(STATES)),
                   extent=(xs[0] - 0.5, xs[-1] + 0.5, len(ids) - 0.5, -0.5))
+    else:
+        ax.text(0.5, 0.5, "no training round yet", ha="center", va="center", transform=ax.transAxes)
     for i, cid in enumerate(ids):
         if cid in malicious:
             sampled = [x for x, state in zip(xs, grid[i]) if state != 0]

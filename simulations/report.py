@@ -47,8 +47,12 @@ class Run:
     final: dict[str, Any]
     rounds: list[dict[str, Any]]
     overrides: list[str] | None
-    label: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    # What tells this run apart from the others: overrides, or key=value of varying keys.
+    distinct: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.distinct) or "(defaults)"
 
     @property
     def unit(self) -> str:
@@ -151,7 +155,11 @@ def _value_text(value: Any) -> str:
 
 
 def label_runs(runs: list[Run]) -> list[str]:
-    """Each run's distinguishing overrides; also returns the overrides every run shares."""
+    """Set each run's ``distinct`` overrides; return the overrides every run shares.
+
+    A run with ``.hydra/overrides.yaml`` is told apart by its overrides less those all
+    such runs share; a run without one by ``key=value`` of the config keys that vary.
+    """
     with_overrides = [r for r in runs if r.overrides is not None]
     common: list[str] = []
     if len(with_overrides) > 1:
@@ -159,11 +167,10 @@ def label_runs(runs: list[Run]) -> list[str]:
     varying = varying_keys([r.config for r in runs]) if len(runs) > 1 else []
     for run in runs:
         if run.overrides is not None:
-            parts = [o for o in run.overrides if o not in common]
+            run.distinct = [o for o in run.overrides if o not in common]
         else:
             flat = flatten(run.config)
-            parts = [f"{k}={_value_text(flat.get(k))}" for k in varying if k in flat]
-        run.label = " ".join(parts) or "(defaults)"
+            run.distinct = [f"{k}={_value_text(flat.get(k))}" for k in varying if k in flat]
     return common
 
 
@@ -233,7 +240,7 @@ def grid_axes(runs: list[Run]) -> tuple[str, str] | None:
     """The two override keys the runs form a grid over (first-named key = rows), if any."""
     if len(runs) < 2 or any(r.overrides is None for r in runs):
         return None
-    labels = [[_split(o) for o in r.label.split(" ")] if r.label != "(defaults)" else [] for r in runs]
+    labels = [[_split(o) for o in r.distinct] for r in runs]
     keys = [k for k, _ in labels[0]]
     if len(keys) != 2 or any([k for k, _ in lab] != keys for lab in labels):
         return None
@@ -248,7 +255,7 @@ def grid_table(runs: list[Run], axes: tuple[str, str]) -> str:
     rows: list[str] = []
     cols: list[str] = []
     for run in runs:
-        values = dict(_split(o) for o in run.label.split(" "))
+        values = dict(_split(o) for o in run.distinct)
         r, c = values[row_key], values[col_key]
         rows += [r] if r not in rows else []
         cols += [c] if c not in cols else []
