@@ -162,3 +162,37 @@ def test_strategy_reports_sampling_and_krum_choice_by_client_id(tmp_path):
     assert agg["decisions"]["norm_bound"]["clipped"] == [3]
     assert len(agg["decisions"]["selected"]) == 1 and agg["decisions"]["selected"][0] != 3
     assert set(agg["decisions"]["scores"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_client_level_dp_round_records_poisson_sampling_and_every_client_epsilon(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fedlora.privacy.calibration import plan_client_dp
+
+    priv = OmegaConf.create({"unit": "client", "target_epsilon": 8.0, "delta": 1e-3, "clipping_norm": 0.5,
+                             "noise_multiplier": None, "accountant": "rdp", "max_noise_multiplier": 20.0})
+    plan = plan_client_dp(priv, 10, 0.5, 2)
+    config = {"privacy": OmegaConf.to_container(priv), "federation": {"num_clients": 10}}
+    rec = RunRecorder(tmp_path, config, privacy_unit="client", delta=plan.delta, num_rounds=2, echo=lambda _: None)
+    trail = AuditTrail(tmp_path, config)
+    rec.listeners.append(trail)
+    trail.start(rec)
+    strategy = FedLoRAStrategy(initial_arrays=[np.zeros(6, np.float32)], recorder=rec, client_dp=plan,
+                               noise_seed=0, min_available_clients=2)
+    manager = SimpleClientManager()
+    for node in range(101, 111):
+        manager.register(GridClientProxy(node, None, 0))
+    for rnd in (1, 2):
+        sampled = strategy.configure_fit(rnd, ndarrays_to_parameters(strategy.global_arrays), manager)
+        strategy.aggregate_fit(rnd, [(proxy, _fit(1.0, int(proxy.cid) - 101)) for proxy, _ in sampled], [])
+        rec.on_evaluate(rnd, 0.5, {"accuracy": 0.6})
+    lines = [json.loads(line) for line in (tmp_path / AUDIT_FILE).read_text().splitlines()]
+    r1, r2 = lines[1], lines[2]
+    assert r1["sampled"]["method"] == "poisson" and r1["sampled"]["sample_rate"] == 0.5
+    assert sorted(r1["sampled"]["clients"]) == sorted(c["cid"] for c in r1["clients"])
+    assert r1["aggregation"]["rule"].startswith("gaussian_fedavg") and "clipped_count" in r1["aggregation"]["decisions"]
+    every = r2["privacy"]["clients"]["all"]
+    assert every["unit"] == "client" and every["delta"] == 1e-3
+    assert every["epsilon_before"] == pytest.approx(r1["privacy"]["clients"]["all"]["epsilon_after"])
+    assert every["epsilon_after"] == pytest.approx(rec.epsilon()) and every["epsilon_after"] <= 8.0
+    assert verify_audit(tmp_path) == []
