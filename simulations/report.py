@@ -283,6 +283,7 @@ def plot_accuracy_vs_epsilon(runs: list[Run], path: Path) -> Path:
         for r in dp:
             ax.annotate(r.label, (r.epsilon, r.accuracy), textcoords="offset points", xytext=(4, 4),
                         fontsize="x-small")
+        ax.margins(x=0.15)  # room for the labels of the outermost points
         eps = [r.epsilon for r in dp]
         if min(eps) > 0 and max(eps) / min(eps) > 20:
             ax.set_xscale("log")
