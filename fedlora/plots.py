@@ -69,8 +69,8 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    acc_ax.set_title("Test accuracy")
-    loss_ax.set_title("Test loss")
+    acc_ax.set_title("Accuracy")
+    loss_ax.set_title("Loss")
     fig.tight_layout()
     return _save(fig, path)
 
