@@ -85,8 +85,12 @@ class RunRecorder:
         self.start = time.time()
         # Observers of the run (tracking, audit, progress display): each may define
         # ``on_round(record, recorder)`` (after every evaluated round, results.json
-        # already written) and ``on_finish(final, recorder)``.
+        # already written), ``on_stop(stopped, recorder)`` (a failed round ended the run)
+        # and ``on_finish(final, recorder)``.
         self.listeners: list[Any] = []
+        # Flower node id -> client (partition) id, learned from replies: the sampler only
+        # knows nodes, the audit log speaks of clients.
+        self.node_clients: dict[str, Any] = {}
 
     def _notify(self, event: str, *args: Any) -> None:
         for listener in self.listeners:
@@ -141,6 +145,14 @@ class RunRecorder:
             "clipped_updates": clipped,
         }
 
+    def on_sample(self, server_round: int, nodes: list[Any], **how: Any) -> None:
+        """Whom configure_fit sampled (Flower node ids) and how (method, rate, pool)."""
+        self._round(server_round)["sampled"] = {"nodes": [str(n) for n in nodes], **how}
+
+    def on_aggregation(self, server_round: int, decisions: dict[str, Any]) -> None:
+        """The aggregation rule, its parameters and its decisions by client id."""
+        self._round(server_round)["aggregation"] = decisions
+
     def on_fit(
         self,
         server_round: int,
@@ -168,6 +180,12 @@ class RunRecorder:
         rec = self._round(server_round)
         rec["clients"] = clients
         rec["failures"] = [r for r in rejected if r.get("cid") is None]
+        for info in clients:
+            if info.get("node_id") is not None:
+                self.node_clients[str(info["node_id"])] = info["cid"]
+        if "sampled" in rec:
+            # A sampled node that never replied stays a node id (its client is unknown).
+            rec["sampled"]["clients"] = [self.node_clients.get(n, f"node {n}") for n in rec["sampled"]["nodes"]]
         rec["num_accepted"] = sum(bool(c.get("accepted")) for c in clients)
         rec["num_rejected"] = len(rejected)
         rec["aggregation_s"] = agg_s
@@ -220,6 +238,7 @@ class RunRecorder:
                   f"continue with `python -m simulations.run resume={self.run_dir}` (simulation) or "
                   f"`python -m fedlora.deploy run --resume --run-dir {self.run_dir} ...` (deployment)")
         self.write()
+        self._notify("on_stop", self.stopped)
 
     def finalize(self, **extra: Any) -> dict[str, Any]:
         last = self.rounds[max(self.rounds)] if self.rounds else {}

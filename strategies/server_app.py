@@ -19,6 +19,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
+from fedlora.audit import AuditTrail
 from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.checkpoint import run_config as load_run_config
 from fedlora.errors import ConfigError
@@ -26,7 +27,7 @@ from fedlora.client import max_client_examples
 from fedlora.config import OVERRIDES_FILE, compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
-from fedlora.plots import plot_epsilon
+from fedlora.plots import RunPlots
 from fedlora.privacy.calibration import client_level_plan
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.results import RunRecorder
@@ -103,6 +104,9 @@ def run_server(
         accountant=str(privacy.get("accountant", "rdp")),
         echo=echo,
     )
+    # audit.jsonl (append-only, hash-chained) and the PNG plots, after every round.
+    audit = AuditTrail(run_dir, recorder.config)
+    recorder.listeners += [audit, RunPlots(run_dir)]
     fed = cfg.federation
     recorder.attack = {
         **OmegaConf.to_container(cfg.attack, resolve=True),
@@ -138,6 +142,7 @@ def run_server(
         strategy.client_histories = recorder.ledger.client_histories("sample")
         remaining = int(fed.rounds) - ckpt.round
         echo(f"resuming after round {ckpt.round}: {remaining} round(s) left")
+    audit.start(recorder)
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
     )
@@ -156,9 +161,6 @@ def run_server(
     adapter_dir = Path(run_dir) / "adapter"
     bundle.model.save_pretrained(str(adapter_dir))
     (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
-    if recorder.ledger.entries:
-        plot_epsilon(recorder.ledger, Path(run_dir) / "epsilon.png", str(privacy.accountant),
-                     float(privacy.target_epsilon), unit=str(privacy.unit))
     return recorder.finalize(
         num_clients=int(fed.num_clients),
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),

@@ -1,6 +1,8 @@
 """A round with fewer valid updates than federation.min_fit_results fails after it is
 recorded and checkpointed; clients that declined for budget do not make it fail."""
 
+import json
+
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -64,3 +66,20 @@ def test_minimum_follows_the_mechanism():
     assert min_fit_results(compose(["privacy=none", "federation.min_fit_results=1"])) == 1
     assert min_fit_results(compose(["privacy=client", "federation.num_clients=10"])) is None
     assert min_fit_results(compose(["privacy=none", "secure=secaggplus", "federation.num_clients=4"])) is None
+
+
+def test_a_stopped_run_audits_the_failed_round(tmp_path):
+    from fedlora.audit import AuditTrail, verify_audit
+
+    strategy, recorder, _ = _strategy(tmp_path, 2)
+    audit = AuditTrail(tmp_path, recorder.config)
+    recorder.listeners.append(audit)
+    audit.start(recorder)
+    with pytest.raises(RoundFailed) as err:
+        strategy.aggregate_fit(1, [_fit(0)], [RuntimeError("node lost")])
+    recorder.stop(str(err.value))
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [entry["event"] for entry in lines] == ["run_started", "round", "run_stopped"]
+    assert lines[1]["failures"][0]["reason"] == "node lost" and "0" in lines[1]["privacy"]["clients"]
+    assert "min_fit_results=2" in lines[2]["reason"]
+    assert verify_audit(tmp_path / "audit.jsonl") == []
