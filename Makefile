@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run test test-fast clean credentials deploy-up deploy-run deploy-down
 
 setup: $(STAMP)
 
@@ -30,6 +30,21 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" $(ARGS)
+
+# A local federation with TLS and SuperNode authentication (see README, Deployment).
+NODES ?= 2
+credentials: setup
+	$(PY) -m fedlora.deploy credentials --out deploy-credentials --supernodes $(NODES)
+
+deploy-up: setup
+	$(PY) -m fedlora.deploy up --supernodes $(NODES)
+
+deploy-run: setup
+	FLWR_HOME=.deploy/flwr-home $(PY) -m fedlora.deploy run --connection local-deployment \
+		--run-dir outputs/deployed federation.num_clients=$(NODES) $(ARGS)
+
+deploy-down:
+	$(PY) -m fedlora.deploy down
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -49,3 +49,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
         arrays = [data[f"global_{i}"] for i in range(meta["num_global"])]
         extra = {k[len("array_"):]: data[k] for k in data.files if k.startswith("array_")}
     return Checkpoint(round=int(meta["round"]), global_arrays=arrays, state=meta["state"], arrays=extra)
+
+
+def run_config(run_dir: Path):
+    """The resolved config of the run in ``run_dir`` (its ``config.yaml``), to resume it
+    with exactly the settings it started with."""
+    from omegaconf import OmegaConf
+
+    from fedlora.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(
+            "resume", f"no {CHECKPOINT} and config.yaml in {run_dir}; point resume (simulation: "
+            "resume=<run dir> or hydra.run.dir=; deployment: run-dir=) at the run dir of the run to continue"
+        )
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.resume = True
+    return saved

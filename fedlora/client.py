@@ -21,7 +21,8 @@ from flwr.client import NumPyClient
 from fedlora.attacks import COLLUDING, MODEL_POISONING, alie_z, flip_labels, malicious_clients, poison_delta
 from fedlora.config import plain_config, seed_for
 from fedlora.data import TaskData, client_split, partition_indices
-from fedlora.data.sources import load_task_data_cached
+from fedlora.data.sources import load_node_data, load_task_data_cached
+from fedlora.errors import ConfigError
 from fedlora.lora import flatten, get_arrays, probe_parts, set_arrays, subtract, unflatten
 from fedlora.privacy.calibration import clients_per_round
 from fedlora.privacy.budgets import client_epsilon
@@ -68,13 +69,23 @@ def client_plan(cfg: Any, num_examples: int, partition_id: int = 0) -> DPPlan | 
 class LoRAClient(NumPyClient):
     """One data holder. Holds only its own shard; the model is per-process."""
 
-    def __init__(self, cfg: Any, partition_id: int, num_partitions: int, context: Context) -> None:
+    def __init__(
+        self, cfg: Any, partition_id: int, num_partitions: int, context: Context, data_path: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
         self.state = context.state
         self.task = load_task_data_cached(cfg.data, int(cfg.seed))
         self.num_partitions = num_partitions
-        self.train_idx, self.val_idx = client_indices(cfg, self.task, partition_id, num_partitions)
+        if data_path:
+            # The node's own file replaces its shard of the configured dataset.
+            rows = load_node_data(data_path, cfg.data, self.task.label_names)
+            self.task = TaskData(train=rows, test=self.task.test, label_names=self.task.label_names)
+            self.train_idx, self.val_idx = client_split(
+                np.arange(len(rows)), float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
+            )
+        else:
+            self.train_idx, self.val_idx = client_indices(cfg, self.task, partition_id, num_partitions)
         self.attack = str(cfg.attack.name)
         self.colluders = malicious_clients(cfg.attack, int(cfg.federation.num_clients))
         self.malicious = partition_id in self.colluders
@@ -268,13 +279,31 @@ class LoRAClient(NumPyClient):
         return loss, len(data), {"accuracy": acc, "partition_id": self.partition_id}
 
 
+def node_identity(node_config: Any, num_clients: int) -> tuple[int, int, str | None]:
+    """(client id, number of partitions, own data file) from a SuperNode's ``--node-config``:
+    ``partition-id`` (the client id in budgets, seeds and reports) with either
+    ``num-partitions`` (a shard of the configured dataset) or ``data-path`` (its own file)."""
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node-config", "partition-id is missing; start the SuperNode with --node-config "
+            "'partition-id=<i> num-partitions=<n>' (or 'partition-id=<i> data-path=\"<file>\"')"
+        )
+    pid = int(node_config["partition-id"])
+    data_path = str(node_config["data-path"]) if node_config.get("data-path") else None
+    if "num-partitions" not in node_config and data_path is None:
+        raise ConfigError("node-config", "give num-partitions=<n> (a shard of the configured dataset) or data-path=<file>")
+    num = int(node_config.get("num-partitions", num_clients))
+    if not 0 <= pid < num:
+        raise ConfigError("node-config", f"partition-id={pid} must lie in [0, num-partitions={num})")
+    return pid, num, data_path
+
+
 def make_client_fn(cfg: Any):
     cfg = plain_config(cfg)
 
     def client_fn(context: Context):
         torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
-        pid = int(context.node_config["partition-id"])
-        num = int(context.node_config["num-partitions"])
-        return LoRAClient(cfg, pid, num, context).to_client()
+        pid, num, data_path = node_identity(context.node_config, int(cfg.federation.num_clients))
+        return LoRAClient(cfg, pid, num, context, data_path).to_client()
 
     return client_fn

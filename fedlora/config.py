@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# A deployed run's Hydra overrides, kept in its run dir: a resume must use the same ones.
+OVERRIDES_FILE = "overrides.txt"
 
 
 def plain_config(cfg: Any) -> DictConfig:

@@ -80,13 +80,19 @@ class RunRecorder:
         # Which clients were malicious and how (robustness experiments), for auditing.
         self.attack: dict[str, Any] = {"name": "none", "clients": []}
         self.resumed_from: int | None = None
+        # Why the run stopped early (a failed round), with the command to continue it.
+        self.stopped: dict[str, Any] | None = None
         # Where the run is tracked (e.g. the W&B run's id, mode and local dir).
         self.tracking: dict[str, Any] = {}
         self.start = time.time()
         # Observers of the run (tracking, audit, progress display): each may define
         # ``on_round(record, recorder)`` (after every evaluated round, results.json
-        # already written) and ``on_finish(final, recorder)``.
+        # already written), ``on_stop(stopped, recorder)`` (a failed round ended the run)
+        # and ``on_finish(final, recorder)``.
         self.listeners: list[Any] = []
+        # Flower node id -> client (partition) id, learned from replies: the sampler only
+        # knows nodes, the audit log speaks of clients.
+        self.node_clients: dict[str, Any] = {}
 
     def _notify(self, event: str, *args: Any) -> None:
         for listener in self.listeners:
@@ -141,6 +147,14 @@ class RunRecorder:
             "clipped_updates": clipped,
         }
 
+    def on_sample(self, server_round: int, nodes: list[Any], **how: Any) -> None:
+        """Whom configure_fit sampled (Flower node ids) and how (method, rate, pool)."""
+        self._round(server_round)["sampled"] = {"nodes": [str(n) for n in nodes], **how}
+
+    def on_aggregation(self, server_round: int, decisions: dict[str, Any]) -> None:
+        """The aggregation rule, its parameters and its decisions by client id."""
+        self._round(server_round)["aggregation"] = decisions
+
     def on_fit(
         self,
         server_round: int,
@@ -168,6 +182,12 @@ class RunRecorder:
         rec = self._round(server_round)
         rec["clients"] = clients
         rec["failures"] = [r for r in rejected if r.get("cid") is None]
+        for info in clients:
+            if info.get("node_id") is not None:
+                self.node_clients[str(info["node_id"])] = info["cid"]
+        if "sampled" in rec:
+            # A sampled node that never replied stays a node id (its client is unknown).
+            rec["sampled"]["clients"] = [self.node_clients.get(n, f"node {n}") for n in rec["sampled"]["nodes"]]
         rec["num_accepted"] = sum(bool(c.get("accepted")) for c in clients)
         rec["num_rejected"] = len(rejected)
         rec["aggregation_s"] = agg_s
@@ -212,6 +232,19 @@ class RunRecorder:
         parts.append(f"{rec['elapsed_s']:.1f}s")
         return " | ".join(parts)
 
+    def stop(self, reason: str) -> None:
+        """The run ends early after its last checkpointed round; it can be resumed."""
+        self.stopped = {
+            "reason": reason,
+            "after_round": max(self.rounds, default=0),
+            "run_dir": str(self.run_dir),
+        }
+        self.echo(f"run stopped: {reason}; its checkpoint and privacy ledger are in {self.run_dir}; "
+                  f"continue with `python -m simulations.run resume={self.run_dir}` (simulation) or "
+                  f"`python -m fedlora.deploy run --resume --run-dir {self.run_dir} ...` (deployment)")
+        self.write()
+        self._notify("on_stop", self.stopped)
+
     def finalize(self, **extra: Any) -> dict[str, Any]:
         last = self.rounds[max(self.rounds)] if self.rounds else {}
         self.final = {
@@ -244,6 +277,7 @@ class RunRecorder:
             "final": self.final,
             "attack": self.attack,
             "privacy_ledger": self.ledger.to_dict(),
+            "stopped": self.stopped,
             "tracking": self.tracking,
         }
 

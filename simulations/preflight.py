@@ -65,6 +65,9 @@ def check_federation(cfg: Any) -> None:
                     f"{n} clients is fewer than federation.{name}={minimum}; add clients or "
                     f"lower federation.{name}",
                 )
+    min_results = fed.get("min_fit_results")
+    if min_results is not None and not 1 <= int(min_results) <= n:
+        raise ConfigError("federation.min_fit_results", f"must lie in [1, num_clients={n}] or be null, got {min_results}")
     cpus = float(fed.client_resources.num_cpus)
     if cpus <= 0 or cpus > backend_cpus(cfg):
         raise ConfigError(

@@ -4,7 +4,9 @@ Every cell is a real simulation (``python -m simulations.run experiment=robustne
 strategy=<aggregator> attack=<attack>``) in its own run dir under ``--out``; a cell
 whose run dir already holds a finished ``results.json`` is read, not rerun, so an
 interrupted sweep resumes where it stopped. Writes ``robustness.json`` and
-``robustness.md`` into ``--out`` and prints the markdown table.
+``robustness.md`` into ``--out`` and prints the markdown table; ``python -m
+simulations.report <--out dir>`` prints the same grid from the run dirs, with one row
+per run.
 
     python -m simulations.robustness [--out outputs/robustness] \\
         [--aggregators fedavg median ...] [--attacks none sign_flip ...] [overrides...]
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from simulations.report import pivot_table
 
 AGGREGATORS = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clipping"]
 ATTACKS = ["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie", "ipm"]
@@ -58,12 +62,9 @@ def run_cell(aggregator: str, attack: str, out: Path, extra: list[str]) -> dict:
 
 
 def table(cells: list[dict], aggregators: list[str], attacks: list[str]) -> str:
+    """Final accuracy, aggregator x attack (the same pivot ``simulations.report`` prints)."""
     acc = {(c["aggregator"], c["attack"]): c["accuracy"] for c in cells}
-    lines = ["| aggregator | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
-    for agg in aggregators:
-        row = ["–" if acc.get((agg, a)) is None else f"{acc[(agg, a)]:.3f}" for a in attacks]
-        lines.append(f"| {agg} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return pivot_table(acc, aggregators, attacks, "aggregator")
 
 
 def main(argv: list[str] | None = None) -> int:

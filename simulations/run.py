@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from fedlora.checkpoint import CHECKPOINT  # noqa: E402
+from fedlora.checkpoint import run_config  # noqa: E402
 from fedlora.config import plain_config  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.results import epsilon_text  # noqa: E402
@@ -47,14 +47,7 @@ def resume_config(cfg: Any, run_dir: Path) -> tuple[Any, Path]:
     """The run dir and config of a run to continue (its own resolved config.yaml)."""
     if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "false"):
         run_dir = Path(cfg.resume)
-    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(
-            "resume", f"no {CHECKPOINT} and config.yaml in {run_dir}; point resume= (or hydra.run.dir=) "
-            "at the run dir of the run to continue"
-        )
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    saved.resume = True
-    return saved, run_dir
+    return run_config(run_dir), run_dir
 
 
 def job_labels(hydra_cfg: Any) -> dict[str, str]:
@@ -157,12 +150,20 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     cfg = with_job_labels(cfg, job_labels(hydra_cfg))
+    from strategies.fedlora_strategy import RoundFailed
+
     try:
         final = run_experiment(cfg, run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         log.error("config error: %s", err)
         sys.exit(2)
+    except RoundFailed as err:
+        stopped_in = Path(cfg.resume) if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "false") else run_dir
+        print(f"error: {err}. The run stopped after checkpointing; continue it with "
+              f"`python -m simulations.run resume={stopped_in}`", file=sys.stderr, flush=True)
+        log.error("run stopped: %s", err)
+        sys.exit(3)
     _echo(final_line(final))
     _echo(f"run dir: {final['run_dir']}")
 

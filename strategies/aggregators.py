@@ -21,6 +21,14 @@ clips the rows, and :func:`with_norm_bound` puts it in front of any aggregator.
 
 Rows are assumed finite: the strategy rejects updates containing NaN or Inf before
 they reach an aggregator.
+
+Decisions for the audit log: the rules that decide something about single updates
+(which rows Krum, multi-Krum and Bulyan keep, how many rows centered clipping and norm
+bounding clip, how many values the trimmed mean cuts) take an optional keyword
+``report``: a dict they fill in place, still returning only the aggregate, so the
+``f(updates, weights, **params) -> ndarray[d]`` interface is unchanged. Row indices go
+under :data:`REPORT_ROW_KEYS`, per-row values under :data:`REPORT_PER_ROW_KEYS`;
+:func:`label_rows` maps both to client ids.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ _GRAM_BLOCK_BYTES = 1 << 26
 # Column blocks that are transposed and sorted: the (width, n) copy stays in cache.
 _SORT_BLOCK_BYTES = 1 << 22
 
+# Keys of a ``report`` that hold row indices, and keys that hold one value per row.
+REPORT_ROW_KEYS = ("selected", "clipped")
+REPORT_PER_ROW_KEYS = ("scores", "norms")
+
 
 def register(name: str) -> Callable[[Aggregator], Aggregator]:
     def wrap(fn: Aggregator) -> Aggregator:
@@ -61,6 +73,27 @@ def get_aggregator(name: str) -> Aggregator:
         module, _, attr = name.rpartition(".")
         return getattr(importlib.import_module(module), attr)
     raise KeyError(f"unknown aggregator {name!r}; registered: {sorted(AGGREGATORS)}")
+
+
+def label_rows(report: dict, ids: list) -> dict:
+    """A copy of an aggregator's ``report`` with row indices replaced by ``ids[row]``.
+
+    Lists under :data:`REPORT_ROW_KEYS` become lists of ids, lists under
+    :data:`REPORT_PER_ROW_KEYS` become ``{id: value}``; nested reports (e.g. the norm
+    bound in front of a rule) are mapped the same way. The rules only see rows; the
+    caller knows which client sent each row.
+    """
+    out: dict = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out[key] = label_rows(value, ids)
+        elif key in REPORT_ROW_KEYS:
+            out[key] = [ids[int(i)] for i in value]
+        elif key in REPORT_PER_ROW_KEYS:
+            out[key] = {str(ids[i]): v for i, v in enumerate(value)}
+        else:
+            out[key] = value
+    return out
 
 
 def _check(updates: np.ndarray, weights: np.ndarray) -> None:
@@ -361,7 +394,11 @@ def median(updates: np.ndarray, weights: np.ndarray, num_malicious: int | None =
 
 @register("trimmed_mean")
 def trimmed_mean(
-    updates: np.ndarray, weights: np.ndarray, beta: float = 0.1, num_malicious: int | None = None
+    updates: np.ndarray,
+    weights: np.ndarray,
+    beta: float = 0.1,
+    num_malicious: int | None = None,
+    report: dict | None = None,
 ) -> np.ndarray:
     """Coordinate-wise beta-trimmed mean of the rows, unweighted.
 
@@ -383,6 +420,9 @@ def trimmed_mean(
     num_malicious : int, optional
         f; when given, f < n/2 is checked. Robustness to f Byzantine updates also needs
         ``int(beta * n) >= f``, which is left to the caller's choice of beta.
+    report : dict, optional
+        Filled with ``beta``, ``trimmed_per_end`` (values cut at each end of every
+        coordinate) and ``kept`` (values averaged per coordinate).
 
     Returns
     -------
@@ -393,6 +433,8 @@ def trimmed_mean(
     n, d = updates.shape
     check_params("trimmed_mean", n, beta=beta, num_malicious=num_malicious)
     cut = int(beta * n)
+    if report is not None:
+        report.update(beta=float(beta), trimmed_per_end=cut, kept=n - 2 * cut)
     out = np.empty(d, dtype=updates.dtype)
     for cols in _column_blocks(n, d, _SORT_BLOCK_BYTES):
         if cut:
@@ -404,7 +446,9 @@ def trimmed_mean(
 
 
 @register("krum")
-def krum(updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0) -> np.ndarray:
+def krum(
+    updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0, report: dict | None = None
+) -> np.ndarray:
     """The update with the lowest Krum score, returned unchanged.
 
     Blanchard, El Mhamdi, Guerraoui, Stainer (2017), "Machine Learning with
@@ -419,6 +463,9 @@ def krum(updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0) -> np
         Ignored (Krum selects, it does not average).
     num_malicious : int, default 0
         f, the number of Byzantine updates tolerated.
+    report : dict, optional
+        Filled with ``selected`` (the chosen row, as a one-element list) and ``scores``
+        (every row's Krum score).
 
     Returns
     -------
@@ -433,12 +480,19 @@ def krum(updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0) -> np
     _check(updates, weights)
     check_params("krum", len(updates), num_malicious=num_malicious)
     scores = _krum_scores(_pairwise_sq_dists(updates), num_malicious)
-    return updates[_lowest(scores, 1, updates)[0]].copy()
+    best = int(_lowest(scores, 1, updates)[0])
+    if report is not None:
+        report.update(selected=[best], scores=[float(s) for s in scores])
+    return updates[best].copy()
 
 
 @register("multi_krum")
 def multi_krum(
-    updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0, num_selected: int | None = None
+    updates: np.ndarray,
+    weights: np.ndarray,
+    num_malicious: int = 0,
+    num_selected: int | None = None,
+    report: dict | None = None,
 ) -> np.ndarray:
     """Weighted mean of the ``num_selected`` updates with the lowest Krum scores.
 
@@ -458,6 +512,8 @@ def multi_krum(
         f, the number of Byzantine updates tolerated.
     num_selected : int, optional
         m, how many rows to average, 1 <= m <= n - f; None means n - f. m = 1 is Krum.
+    report : dict, optional
+        Filled with ``selected`` (the m averaged rows, ascending) and ``scores``.
 
     Returns
     -------
@@ -472,6 +528,8 @@ def multi_krum(
     m = n - num_malicious if num_selected is None else num_selected
     scores = _krum_scores(_pairwise_sq_dists(updates), num_malicious)
     chosen = _lowest(scores, m, updates)
+    if report is not None:
+        report.update(selected=sorted(int(i) for i in chosen), scores=[float(s) for s in scores])
     # Zero weight outside the selection: one matrix-vector product, no copy of the rows.
     selected = np.zeros(n)
     selected[chosen] = np.asarray(weights, dtype=np.float64)[chosen]
@@ -553,7 +611,9 @@ def _mean_closest_to_median(block: np.ndarray, beta: int) -> np.ndarray:
 
 
 @register("bulyan")
-def bulyan(updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0) -> np.ndarray:
+def bulyan(
+    updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0, report: dict | None = None
+) -> np.ndarray:
     """Bulyan: iterated Krum selection, then a coordinate-wise trimmed mean around the median.
 
     El Mhamdi, Guerraoui, Rouault (2018), "The Hidden Vulnerability of Distributed
@@ -567,6 +627,9 @@ def bulyan(updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0) -> 
         Ignored (unweighted, as in the paper).
     num_malicious : int, default 0
         f, the number of Byzantine updates tolerated.
+    report : dict, optional
+        Filled with ``selected`` (the theta rows Krum chose, ascending), ``theta`` and
+        ``beta`` (values averaged per coordinate around the median).
 
     Returns
     -------
@@ -587,6 +650,8 @@ def bulyan(updates: np.ndarray, weights: np.ndarray, num_malicious: int = 0) -> 
     theta = n - 2 * num_malicious
     beta = theta - 2 * num_malicious
     chosen = np.sort(_bulyan_select(_pairwise_sq_dists(updates), num_malicious, theta, updates))
+    if report is not None:
+        report.update(selected=[int(i) for i in chosen], theta=theta, beta=beta)
     out = np.empty(d, dtype=updates.dtype)
     for cols in _column_blocks(theta, d, _SORT_BLOCK_BYTES):
         out[cols] = _mean_closest_to_median(_sorted_columns(updates, cols, chosen), beta)
@@ -600,6 +665,7 @@ def centered_clipping(
     tau: float = 1.0,
     iterations: int = 1,
     reference: np.ndarray | None = None,
+    report: dict | None = None,
 ) -> np.ndarray:
     """Centered clipping: ``v <- v + mean_i clip_tau(x_i - v)``, repeated ``iterations`` times.
 
@@ -621,6 +687,10 @@ def centered_clipping(
         Starting point v. The method's robustness comes from history: the caller passes
         the previous round's aggregate here (the strategy keeps it across rounds);
         None starts from zeros, as in the first round.
+    report : dict, optional
+        Filled with ``clipped_per_iteration`` (how many rows lay farther than tau from
+        v in each iteration), ``clipped`` (rows clipped in any iteration, ascending),
+        ``tau`` and ``iterations``.
 
     Returns
     -------
@@ -635,6 +705,8 @@ def centered_clipping(
     v = np.zeros(d) if reference is None else np.array(reference, dtype=np.float64)
     if v.shape != (d,):
         raise ValueError(f"reference must have shape ({d},), got {v.shape}")
+    clipped_per_iteration: list[int] = []
+    clipped_any = np.zeros(n, dtype=bool)
     for _ in range(iterations):
         # Differences are taken in the input dtype against v rounded to it, so the
         # clipped step is exact up to that rounding with no float64 copy of the rows.
@@ -643,18 +715,29 @@ def centered_clipping(
         coef = np.ones(n)
         over = norms > tau
         coef[over] = tau / norms[over]
+        clipped_per_iteration.append(int(over.sum()))
+        clipped_any |= over
         coef = (coef / n).astype(updates.dtype)
         step = np.empty(d)
         for cols in _column_blocks(n, d, _GRAM_BLOCK_BYTES // 2):
             step[cols] = coef @ (updates[:, cols] - center[cols])
         v = center + step
+    if report is not None:
+        report.update(
+            clipped_per_iteration=clipped_per_iteration,
+            clipped=[int(i) for i in np.flatnonzero(clipped_any)],
+            tau=float(tau),
+            iterations=int(iterations),
+        )
     return v.astype(updates.dtype)
 
 
 # -- norm bounding ---------------------------------------------------------------------
 
 
-def norm_bound(updates: np.ndarray, max_norm: float, *, inplace: bool = False) -> np.ndarray:
+def norm_bound(
+    updates: np.ndarray, max_norm: float, *, inplace: bool = False, report: dict | None = None
+) -> np.ndarray:
     """Scale every row whose L2 norm exceeds ``max_norm`` down to norm ``max_norm``.
 
     Sun, Kairouz, Suresh, McMahan (2019), "Can You Really Backdoor Federated
@@ -669,6 +752,9 @@ def norm_bound(updates: np.ndarray, max_norm: float, *, inplace: bool = False) -
         float32 rounding (relative 1e-7).
     inplace : bool, default False
         Scale ``updates`` itself instead of a copy.
+    report : dict, optional
+        Filled with ``max_norm``, ``clipped`` (the scaled rows, ascending) and ``norms``
+        (every row's L2 norm before scaling).
 
     Returns
     -------
@@ -682,6 +768,8 @@ def norm_bound(updates: np.ndarray, max_norm: float, *, inplace: bool = False) -
     out = updates if inplace else updates.copy()
     norms = np.sqrt(_row_sq_norms(updates))
     over = np.flatnonzero(norms > max_norm)
+    if report is not None:
+        report.update(max_norm=float(max_norm), clipped=[int(i) for i in over], norms=[float(x) for x in norms])
     out[over] *= (max_norm / norms[over])[:, None].astype(out.dtype)
     return out
 
@@ -691,13 +779,16 @@ def with_norm_bound(fn: Aggregator, max_norm: float) -> Aggregator:
 
     The wrapper keeps ``fn``'s name, docstring, attributes and signature (so a caller
     inspecting it still sees, e.g., centered clipping's ``reference`` parameter), and
-    never modifies the caller's matrix.
+    never modifies the caller's matrix. Given a ``report``, the bounding's own decisions
+    go under its ``"norm_bound"`` key.
     """
     if not max_norm > 0:
         raise ValueError(f"norm_bound needs max_norm > 0, got {max_norm}")
 
     @functools.wraps(fn)
     def bounded(updates: np.ndarray, weights: np.ndarray, **params) -> np.ndarray:
-        return fn(norm_bound(updates, max_norm), weights, **params)
+        report = params.get("report")
+        own = None if report is None else report.setdefault("norm_bound", {})
+        return fn(norm_bound(updates, max_norm, report=own), weights, **params)
 
     return bounded

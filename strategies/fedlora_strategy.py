@@ -39,13 +39,17 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
 from fedlora.privacy.calibration import ClientDPPlan
-from strategies.aggregators import get_aggregator, norm_bound
+from strategies.aggregators import get_aggregator, label_rows, norm_bound
 from strategies.client_dp import gaussian_fedavg, poisson_sample
 from fedlora.checkpoint import Checkpoint
 from fedlora.lora import flatten, unflatten
 from strategies.validation import validate_update
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
+
+
+class RoundFailed(RuntimeError):
+    """Fewer valid results than the round needs; the run stops after checkpointing."""
 
 
 class _Excluding(Criterion):
@@ -97,7 +101,9 @@ class FedLoRAStrategy(Strategy):
         Centralized evaluation ``(round, arrays) -> (loss, metrics)`` on the server.
     recorder : object, optional
         Receives ``on_fit``, ``on_evaluate`` and ``on_federated_evaluate`` per round
-        (and ``on_client_dp`` under client-level DP).
+        (and ``on_client_dp`` under client-level DP); if it defines them, also
+        ``on_sample`` (whom configure_fit sampled, and how) and ``on_aggregation`` (the
+        rule, its parameters and its decisions per client) for the audit log.
     client_dp : ClientDPPlan, optional
         Client-level DP (DP-FedAvg): Poisson sampling of clients at the plan's rate,
         clipping, and Gaussian noise on the sum replace sampling and the aggregator
@@ -107,6 +113,11 @@ class FedLoRAStrategy(Strategy):
     on_round_end : callable, optional
         Called as ``on_round_end(server_round, strategy)`` after every aggregation
         (the server app writes its checkpoint there).
+    min_fit_results : int, optional
+        A round with fewer valid updates fails (:class:`RoundFailed`) after it is
+        recorded and checkpointed; None accepts any number. Clients that trained in it
+        spent privacy budget, so the ledger keeps the round and a resumed run goes on
+        with the next one (repeating it would spend more than was planned).
     """
 
     def __init__(
@@ -126,6 +137,7 @@ class FedLoRAStrategy(Strategy):
         client_dp: ClientDPPlan | None = None,
         noise_seed: int | None = None,
         on_round_end: Callable[[int, "FedLoRAStrategy"], None] | None = None,
+        min_fit_results: int | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -135,7 +147,11 @@ class FedLoRAStrategy(Strategy):
         self.norm_bound = None if norm_bound is None else float(norm_bound)
         # Stateful rules (centered clipping) take the previous aggregate as reference.
         self.reference: np.ndarray | None = None
-        self._takes_reference = "reference" in inspect.signature(self.aggregate).parameters
+        signature = inspect.signature(self.aggregate).parameters
+        self._takes_reference = "reference" in signature
+        # Rules that can explain their decisions fill a ``report`` dict (audit log);
+        # others (e.g. a user's rule) are called exactly as before.
+        self._takes_report = "report" in signature
         self.server_lr = float(server_lr)
         self.fraction_fit = float(fraction_fit)
         self.fraction_evaluate = float(fraction_evaluate)
@@ -146,6 +162,7 @@ class FedLoRAStrategy(Strategy):
         self.recorder = recorder
         self.client_dp = client_dp
         self.on_round_end = on_round_end
+        self.min_fit_results = None if min_fit_results is None else int(min_fit_results)
         # After a resume Flower counts rounds from 1 again; ours continue from the checkpoint.
         self.round_offset = 0
         # Sample-level DP histories per client id, sent back to clients after a resume so
@@ -175,6 +192,12 @@ class FedLoRAStrategy(Strategy):
         )
 
     # -- sampling ------------------------------------------------------------------
+    def _notify(self, event: str, *args: Any, **kwargs: Any) -> None:
+        """Optional recorder events: a recorder without them (tests' fakes) still works."""
+        handler = getattr(self.recorder, event, None)
+        if handler is not None:
+            handler(*args, **kwargs)
+
     def _num(self, fraction: float, minimum: int, available: int) -> int:
         return max(math.ceil(fraction * available), minimum)
 
@@ -206,6 +229,8 @@ class FedLoRAStrategy(Strategy):
         clients = client_manager.sample(
             num_clients=n, min_num_clients=self.min_available_clients, criterion=_Excluding(self.exhausted)
         )
+        self._notify("on_sample", server_round, [c.cid for c in clients], method="uniform without replacement",
+                     fraction_fit=self.fraction_fit, eligible=eligible, excluded_out_of_budget=sorted(self.exhausted))
         return [(c, ins) for c in clients]
 
     def _configure_poisson(
@@ -214,6 +239,9 @@ class FedLoRAStrategy(Strategy):
         client_manager.wait_for(self.min_available_clients)
         pool = client_manager.all()
         chosen = poisson_sample(sorted(pool), self.client_dp.sample_rate, self.rng)
+        # Poisson sampling is what the client-level accountant assumes: record it as such.
+        self._notify("on_sample", server_round, list(chosen), method="poisson",
+                     sample_rate=self.client_dp.sample_rate, eligible=len(pool))
         if not chosen:
             log(INFO, "round %s: Poisson sampling chose no client; releasing noise only", server_round)
             self._aggregate_client_dp(server_round, self._stack([]), [], [])
@@ -241,8 +269,9 @@ class FedLoRAStrategy(Strategy):
         clients: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
         accepted: list[tuple[list[np.ndarray], int]] = []
+        row_cids: list[Any] = []  # the client behind each row of the stacked updates
         for proxy, res in results:
-            info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics,
+            info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics, "node_id": proxy.cid,
                     "bytes_up": payload_bytes(res.parameters), "bytes_down": self.bytes_down_per_client}
             if res.metrics.get("declined"):
                 self.exhausted.add(proxy.cid)
@@ -258,6 +287,7 @@ class FedLoRAStrategy(Strategy):
             info["accepted"] = reason is None
             if reason is None:
                 accepted.append((arrays, res.num_examples))
+                row_cids.append(info["cid"])
             else:
                 info["reason"] = reason
                 rejected.append(info)
@@ -265,21 +295,31 @@ class FedLoRAStrategy(Strategy):
             clients.append(info)
         for failure in failures:
             reason = failure_reason(failure)
-            rejected.append({"cid": None, "accepted": False, "reason": reason,
+            node = None if isinstance(failure, BaseException) else failure[0].cid
+            rejected.append({"cid": None, "node_id": node, "accepted": False, "reason": reason,
                              "bytes_down": self.bytes_down_per_client})
             log(WARNING, "round %s: client failure: %s", server_round, reason)
 
         if self.client_dp is not None:
             return self._aggregate_client_dp(server_round, self._stack(accepted), clients, rejected)
+        # Declining (budget spent) is planned, not a failure: when clients declined, the
+        # minimum is capped by those that were still expected to train.
+        declined = sum(bool(c.get("declined")) for c in clients)
+        required = self.min_fit_results
+        if required is not None and declined:
+            required = min(required, len(results) + len(failures) - declined)
+        if required is not None and len(accepted) < required:
+            self._fail_round(server_round, clients, rejected, len(accepted))
         agg_seconds = 0.0
         new_params: Parameters | None = None
         error = None
+        decisions: dict[str, Any] = {}
         if accepted:
             updates = self._stack(accepted)
             weights = np.asarray([n for _, n in accepted], dtype=np.float64)
             start = time.perf_counter()
             try:
-                aggregate = self._robust_aggregate(updates, weights)
+                aggregate, report = self._robust_aggregate(updates, weights)
             except ValueError as err:
                 # E.g. Krum given fewer updates than n >= 2f + 3: fail the round, not the run.
                 error = f"aggregator {self.aggregator_name} failed on {len(accepted)} updates: {err}"
@@ -287,8 +327,17 @@ class FedLoRAStrategy(Strategy):
             else:
                 agg_seconds = time.perf_counter() - start
                 new_params = self._step(aggregate)
+                decisions = label_rows(report, row_cids)
         else:
             log(WARNING, "round %s: no valid update; the global adapter is unchanged", server_round)
+        self._notify("on_aggregation", server_round, {
+            "rule": self.aggregator_name,
+            "params": self.aggregator_params,
+            "norm_bound": self.norm_bound,
+            "updates": row_cids,
+            "decisions": decisions,
+            **({"error": error} if error else {}),
+        })
         if self.recorder is not None:
             self.recorder.on_fit(server_round, clients, rejected, agg_seconds, aggregation_error=error)
         metrics = {"accepted": len(accepted), "rejected": len(rejected), "aggregation_s": agg_seconds}
@@ -297,16 +346,34 @@ class FedLoRAStrategy(Strategy):
         self._end_round(server_round)
         return new_params, metrics
 
-    def _robust_aggregate(self, updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    def _fail_round(self, server_round: int, clients: list[dict], rejected: list[dict], valid: int) -> None:
+        reasons = "; ".join(sorted({str(r.get("reason")) for r in rejected}))
+        error = (
+            f"round {server_round} failed: {valid} valid update(s) from {len(clients)} result(s) and "
+            f"{len(rejected) - sum(r.get('cid') is not None for r in rejected)} failure(s), fewer than "
+            f"federation.min_fit_results={self.min_fit_results}" + (f" ({reasons})" if reasons else
+            " (too few clients were available to sample)")
+        )
+        log(WARNING, "%s", error)
+        if self.recorder is not None:
+            self.recorder.on_fit(server_round, clients, rejected, 0.0, aggregation_error=error)
+        self._end_round(server_round)
+        raise RoundFailed(error)
+
+    def _robust_aggregate(self, updates: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """The aggregate and what the rule (and norm bounding) decided, by row."""
+        report: dict[str, Any] = {}
         if self.norm_bound is not None:
-            updates = norm_bound(updates, self.norm_bound)
+            updates = norm_bound(updates, self.norm_bound, report=report.setdefault("norm_bound", {}))
         params = dict(self.aggregator_params)
         if self._takes_reference:
             params["reference"] = self.reference
+        if self._takes_report:
+            params["report"] = report
         aggregate = self.aggregate(updates, weights, **params)
         if self._takes_reference:
             self.reference = np.asarray(aggregate, dtype=np.float32).copy()
-        return aggregate
+        return aggregate, report
 
     def _stack(self, accepted: list[tuple[list[np.ndarray], int]]) -> np.ndarray:
         d = sum(a.size for a in self.global_arrays)
@@ -331,6 +398,13 @@ class FedLoRAStrategy(Strategy):
         new_params = self._step(release.aggregate)
         log(INFO, "round %s: client-level DP-FedAvg over %s clients (%s clipped), noise std on the mean %.3g",
             server_round, release.num_clients, release.clipped, release.noise_std)
+        self._notify("on_aggregation", server_round, {
+            "rule": "gaussian_fedavg (client-level DP-FedAvg)",
+            "params": {"clipping_norm": plan.clipping_norm, "noise_multiplier": plan.noise_multiplier,
+                       "expected_clients": plan.expected_clients},
+            "updates": [c["cid"] for c in clients if c.get("accepted")],
+            "decisions": {"clipped_count": int(release.clipped), "noise_std_on_mean": float(release.noise_std)},
+        })
         if self.recorder is not None:
             self.recorder.on_fit(server_round, clients, rejected, agg_seconds)
             self.recorder.on_client_dp(server_round, plan, release.clipped)

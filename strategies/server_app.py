@@ -8,21 +8,26 @@ every round, records the run, and saves the final adapter in PEFT format.
 from __future__ import annotations
 
 import json
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.common import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
+from fedlora.audit import AuditTrail
 from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from fedlora.checkpoint import run_config as load_run_config
+from fedlora.errors import ConfigError
 from fedlora.client import max_client_examples
-from fedlora.config import compose_cached, plain_config
+from fedlora.config import OVERRIDES_FILE, compose_cached, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
-from fedlora.plots import plot_epsilon
+from fedlora.plots import RunPlots
 from fedlora.privacy.calibration import client_level_plan
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.results import RunRecorder
@@ -30,7 +35,7 @@ from fedlora.runtime import get_bundle
 from fedlora.tracking import attach_tracking
 from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.training import evaluate, tokenize
-from strategies.fedlora_strategy import FedLoRAStrategy
+from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 
 
 def aggregator_name(strategy_cfg: Any) -> str:
@@ -45,6 +50,16 @@ def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
     if OmegaConf.is_config(params):
         params = OmegaConf.to_container(params, resolve=True)
     return {k: v for k, v in params.items() if v is not None}
+
+
+def min_fit_results(cfg: Any) -> int | None:
+    """The fewest valid updates a round needs (conf/federation), None where the
+    mechanism decides: client-level DP releases its noise whatever the count, and
+    SecAgg+ has its own reconstruction threshold."""
+    if str(cfg.privacy.unit) == "client" or secure_enabled(cfg):
+        return None
+    value = cfg.federation.get("min_fit_results")
+    return int(cfg.federation.min_fit_clients if value is None else value)
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -90,6 +105,9 @@ def run_server(
         accountant=str(privacy.get("accountant", "rdp")),
         echo=echo,
     )
+    # audit.jsonl (append-only, hash-chained) and the PNG plots, after every round.
+    audit = AuditTrail(run_dir, recorder.config)
+    recorder.listeners += [audit, RunPlots(run_dir)]
     attach_tracking(recorder, cfg)  # progress display, W&B run (tracking.*)
     fed = cfg.federation
     recorder.attack = {
@@ -112,6 +130,7 @@ def run_server(
         client_dp=client_level_plan(cfg),
         noise_seed=privacy.get("noise_seed"),
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
+        min_fit_results=min_fit_results(cfg),
     )
     remaining = int(fed.rounds)
     if resume:
@@ -125,6 +144,7 @@ def run_server(
         strategy.client_histories = recorder.ledger.client_histories("sample")
         remaining = int(fed.rounds) - ckpt.round
         echo(f"resuming after round {ckpt.round}: {remaining} round(s) left")
+    audit.start(recorder)
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
     )
@@ -132,15 +152,17 @@ def run_server(
     if secure_enabled(cfg):
         max_examples = max_client_examples(cfg, task, int(fed.num_clients))
         fit_workflow = secagg_workflow(secure_settings(cfg, max_examples))
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    try:
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    except RoundFailed as err:
+        # Recorded and checkpointed already: stop here, resumable.
+        recorder.stop(str(err))
+        raise
 
     set_arrays(bundle.model, bundle.names, strategy.global_arrays)
     adapter_dir = Path(run_dir) / "adapter"
     bundle.model.save_pretrained(str(adapter_dir))
     (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
-    if recorder.ledger.entries:
-        plot_epsilon(recorder.ledger, Path(run_dir) / "epsilon.png", str(privacy.accountant),
-                     float(privacy.target_epsilon), unit=str(privacy.unit))
     return recorder.finalize(
         num_clients=int(fed.num_clients),
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),
@@ -159,12 +181,55 @@ def make_server_app(cfg: Any, run_dir: Path, echo=print, resume: bool = False) -
     return app
 
 
+def deployed_config(run_config: dict[str, Any], run_id: int) -> tuple[Any, Path, bool]:
+    """Config, run dir and resume flag of a ``flwr run``: the run config's Hydra
+    overrides composed on the same ``conf/`` tree as simulations. To resume, the
+    overrides must give the run dir's own config.yaml (the ClientApps compose the same
+    overrides, so a different config would train different clients). Bad input raises
+    ConfigError naming the fix."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    run_dir = Path(str(run_config.get("run-dir", "") or f"outputs/flwr-run-{run_id}")).resolve()
+    resume = bool(run_config.get("resume", False))
+    overrides = str(run_config.get("overrides", ""))
+    try:
+        cfg = compose_cached(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError("overrides", f"Hydra rejected {overrides!r}: {first}") from None
+    if resume:
+        saved = plain_config(load_run_config(run_dir))
+        strip = lambda c: {k: v for k, v in OmegaConf.to_container(c).items() if k != "resume"}  # noqa: E731
+        if strip(saved) != strip(cfg):
+            original = (run_dir / OVERRIDES_FILE).read_text().strip() if (run_dir / OVERRIDES_FILE).is_file() else "?"
+            raise ConfigError(
+                "overrides", f"resuming {run_dir} needs the overrides it started with ({original!r}), "
+                f"got {overrides!r}"
+            )
+        return saved, run_dir, True
+    return cfg, run_dir, False
+
+
 # `flwr run .` entry point (pyproject [tool.flwr.app.components]).
 app = ServerApp()
 
 
 @app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    cfg = compose_cached(str(context.run_config.get("overrides", "")))
-    run_dir = Path(str(context.run_config.get("run-dir", "") or f"outputs/flwr-run-{context.run_id}"))
-    run_server(grid, context, cfg, run_dir, resume=bool(context.run_config.get("resume", False)))
+    try:
+        cfg, run_dir, resume = deployed_config(dict(context.run_config), context.run_id)
+    except ConfigError as err:
+        log(ERROR, "error: %s", err)
+        raise RuntimeError(f"error: {err}") from None
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (run_dir / OVERRIDES_FILE).write_text(str(context.run_config.get("overrides", "")) + "\n")
+    try:
+        run_server(grid, context, cfg, run_dir, resume=resume)
+    except RoundFailed as err:
+        message = (f"{err}. The run stopped after checkpointing; continue it with `python -m "
+                   f"fedlora.deploy run --resume --run-dir {run_dir} --connection <name>`")
+        log(ERROR, "%s", message)
+        raise RuntimeError(message) from None

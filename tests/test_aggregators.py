@@ -419,3 +419,71 @@ def test_with_norm_bound_bounds_first_and_keeps_the_signature():
     np.testing.assert_allclose(out, norm_bound(updates, 0.1).mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(updates, before)
     assert np.array_equal(with_norm_bound(median, 1e9)(updates, weights), median(updates, weights))
+
+
+# -- decisions reported for the audit log ------------------------------------------------
+
+
+def _outlier_matrix(n=7, d=20, outliers=(5, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    updates = rng.normal(scale=0.1, size=(n, d)).astype(np.float32)
+    # Each outlier far away in its own direction, so outliers are not each other's neighbours.
+    updates[list(outliers)] += rng.normal(scale=50.0, size=(len(outliers), d)).astype(np.float32)
+    return updates, np.ones(n)
+
+
+@pytest.mark.parametrize("rule", [krum, multi_krum, bulyan])
+def test_selection_rules_report_rows_without_the_outliers(rule):
+    updates, weights = _outlier_matrix(n=11 if rule is bulyan else 7)
+    report: dict = {}
+    out = rule(updates, weights, num_malicious=2, report=report)
+    np.testing.assert_array_equal(out, rule(updates, weights, num_malicious=2))  # report changes nothing
+    n = len(updates)
+    assert report["selected"] and not {5, 6} & set(report["selected"])
+    assert report["selected"] == sorted(report["selected"])
+    if rule is krum:
+        assert len(report["selected"]) == 1
+        np.testing.assert_array_equal(out, updates[report["selected"][0]])
+    if rule is multi_krum:
+        assert len(report["selected"]) == n - 2
+        np.testing.assert_allclose(out, updates[report["selected"]].mean(0), atol=1e-6)
+    if rule is bulyan:
+        assert len(report["selected"]) == report["theta"] == n - 4 and report["beta"] == n - 8
+    if rule is not bulyan:
+        scores = report["scores"]
+        assert len(scores) == n and max(scores[5], scores[6]) > 10 * max(scores[:5])
+
+
+def test_centered_clipping_reports_clipped_rows_per_iteration():
+    updates, weights = _outlier_matrix()
+    report: dict = {}
+    centered_clipping(updates, weights, tau=1.0, iterations=2, report=report)
+    # From v = 0 only the two shifted rows lie farther than tau = 1 (honest norms ~0.45).
+    assert report["clipped_per_iteration"][0] == 2 and len(report["clipped_per_iteration"]) == 2
+    assert {5, 6} <= set(report["clipped"]) and report["tau"] == 1.0 and report["iterations"] == 2
+
+
+def test_trimmed_mean_and_norm_bound_report_what_they_cut():
+    updates, weights = _outlier_matrix(n=10, outliers=(9,))
+    report: dict = {}
+    trimmed_mean(updates, weights, beta=0.2, report=report)
+    assert report == {"beta": 0.2, "trimmed_per_end": 2, "kept": 6}
+    nb: dict = {}
+    norm_bound(updates, 5.0, report=nb)
+    assert nb["clipped"] == [9] and nb["max_norm"] == 5.0
+    assert nb["norms"][9] > 100 and max(nb["norms"][:9]) < 1
+
+
+def test_norm_bounded_rule_reports_both_steps_and_label_rows_maps_to_clients():
+    from strategies.aggregators import label_rows
+
+    updates, weights = _outlier_matrix()
+    report: dict = {}
+    with_norm_bound(krum, 5.0)(updates, weights, num_malicious=2, report=report)
+    assert report["norm_bound"]["clipped"] == [5, 6]
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    labelled = label_rows(report, ids)
+    assert labelled["norm_bound"]["clipped"] == [15, 16]
+    assert labelled["selected"] == [ids[report["selected"][0]]]
+    assert set(labelled["scores"]) == {str(i) for i in ids}
+    assert report["selected"][0] < 5  # the original report is left as it was

@@ -83,3 +83,14 @@ def test_strategy_stops_sampling_a_declined_client():
     assert strategy.exhausted == {"1"}
     sampled = strategy.configure_fit(2, params, manager)
     assert {c.cid for c, _ in sampled} == {"2", "3"}
+
+
+def test_client_budgets_by_id_only_under_sample_level_dp():
+    from fedlora.privacy.budgets import client_budgets
+
+    priv = {"unit": "sample", "target_epsilon": 8.0, "delta": 1e-5,
+            "budgets": {"overrides": {"1": 2.0}, "fraction": None, "fraction_epsilon": None, "seed": 0}}
+    assert client_budgets(priv, 3) == {"0": 8.0, "1": 2.0, "2": 8.0}
+    assert client_budgets(OmegaConf.create(priv), 3) == {"0": 8.0, "1": 2.0, "2": 8.0}
+    assert client_budgets({"unit": "client", "target_epsilon": 4.0}, 3) == {}
+    assert client_budgets({"unit": "none"}, 3) == {}

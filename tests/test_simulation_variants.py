@@ -126,3 +126,12 @@ def test_killed_server_resumes_and_epsilon_continues(tmp_path):
         assert final["client_epsilon"][cid] == pytest.approx(recomputed, rel=1e-6)
         restarted = epsilon_from_history(history[killed_at:], mine[0]["delta"], "rdp")
         assert final["client_epsilon"][cid] > restarted
+    # The audit log kept growing across the kill: one run_started per start, every
+    # round once, the hash chain intact.
+    from fedlora.audit import verify_audit
+
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    starts = [a for a in audit if a["event"] == "run_started"]
+    assert len(starts) == 2 and starts[1]["resumed_from"] == killed_at and starts[1]["config_matches_previous"]
+    assert [a["round"] for a in audit if a["event"] == "round"] == [0, 1, 2, 3]
+    assert audit[-1]["event"] == "run_finished" and verify_audit(tmp_path) == []

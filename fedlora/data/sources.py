@@ -179,6 +179,19 @@ def _local(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
     return df.iloc[tr].reset_index(drop=True), df.iloc[te].reset_index(drop=True), None
 
 
+def load_node_data(path: str, data_cfg: Any, label_names: list[str]) -> Dataset:
+    """A SuperNode's own file (``--node-config data-path=...``) as training rows, its
+    labels mapped to the federation's class ids (``label_names`` of the configured task),
+    read with the configured ``data.text_column`` / ``data.label_column``."""
+    df = read_table(path, "node-config data-path")
+    train, _, _ = _normalise(
+        df, df.iloc[:0], data_cfg.text_column, data_cfg.label_column, list(label_names), f"data-path {path}"
+    )
+    if len(train) == 0:
+        raise ConfigError("node-config data-path", f"{path} has no rows")
+    return Dataset.from_pandas(train, preserve_index=False)
+
+
 SOURCES = {"finefood": _finefood, "bbc_news": _bbc_news, "hf": _hub, "local": _local}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from fedlora.errors import ConfigError
 
@@ -59,3 +60,16 @@ def check_budgets(privacy_cfg: Any, num_clients: int) -> None:
     if b.get("fraction_epsilon") is not None and not float(b["fraction_epsilon"]) > 0:
         raise ConfigError("privacy.budgets.fraction_epsilon", f"must be > 0, got {b['fraction_epsilon']}")
     fraction_clients(privacy_cfg, num_clients)
+
+
+def client_budgets(privacy_cfg: Any, num_clients: int) -> dict[str, float]:
+    """Every client's target epsilon by client id (sample-level DP), for plots and audits.
+
+    Empty without sample-level DP: client-level DP has one guarantee for every client
+    (``privacy.target_epsilon``), and no DP has no budget.
+    """
+    if not privacy_cfg or privacy_cfg.get("unit") != "sample" or privacy_cfg.get("target_epsilon") is None:
+        return {}
+    if isinstance(privacy_cfg, dict):
+        privacy_cfg = OmegaConf.create(privacy_cfg)
+    return {str(c): client_epsilon(privacy_cfg, c, num_clients) for c in range(int(num_clients))}

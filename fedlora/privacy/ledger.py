@@ -32,6 +32,10 @@ class LedgerEntry:
 class PrivacyLedger:
     def __init__(self, entries: list[LedgerEntry] | None = None) -> None:
         self.entries: list[LedgerEntry] = list(entries or [])
+        # Epsilon by (history, delta, accountant): the plots and the audit log ask for
+        # every client's epsilon after every round, every round; a history never changes
+        # its epsilon, so each is computed once.
+        self._epsilon_cache: dict[tuple, float] = {}
 
     def add(self, entry: LedgerEntry) -> None:
         self.entries.append(entry)
@@ -50,7 +54,11 @@ class PrivacyLedger:
         return max(e.delta for e in self.entries if e.client == client)
 
     def epsilon(self, client: str, accountant: str = "rdp", up_to_round: int | None = None) -> float:
-        return epsilon_from_history(self.history(client, up_to_round), self.delta(client), accountant)
+        history = self.history(client, up_to_round)
+        key = (tuple(history), self.delta(client), accountant)
+        if key not in self._epsilon_cache:
+            self._epsilon_cache[key] = epsilon_from_history(history, self.delta(client), accountant)
+        return self._epsilon_cache[key]
 
     def epsilons(self, accountant: str = "rdp") -> dict[str, float]:
         return {c: self.epsilon(c, accountant) for c in self.clients()}

@@ -1,0 +1,285 @@
+"""Command line for a Flower deployment of the experiment.
+
+    python -m fedlora.deploy credentials --out deploy --supernodes 2      # CA, server cert, node keys
+    python -m fedlora.deploy superlink --credentials deploy                # TLS + node auth
+    python -m fedlora.deploy connect --name lab --address 127.0.0.1:9093 --credentials deploy
+    python -m fedlora.deploy register --connection lab deploy/keys/supernode-0.pub deploy/keys/supernode-1.pub
+    python -m fedlora.deploy supernode --superlink 127.0.0.1:9093 --credentials deploy --index 0 \\
+        --partition-id 0 --num-partitions 2 --port 9094
+    python -m fedlora.deploy run --connection lab --run-dir outputs/deployed experiment=quick
+    python -m fedlora.deploy up --supernodes 2     # all of the above on this machine
+    python -m fedlora.deploy down
+
+Every subcommand prints the Flower command it runs. ``--insecure`` (no TLS, no node
+authentication) exists for local development only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from fedlora.config import OVERRIDES_FILE
+from fedlora.deploy import credentials as credentials_cli
+from fedlora.deploy.launch import (
+    DEFAULT_PORT,
+    Credentials,
+    DeployError,
+    check_overrides,
+    check_superlink,
+    flower_bin,
+    flower_env,
+    register_supernode,
+    run_config_text,
+    start,
+    stop,
+    superlink_command,
+    supernode_command,
+    wait_for_online,
+    wait_listening,
+    write_connection,
+)
+
+APP_DIR = Path(__file__).resolve().parents[2]
+STATE = "pids.json"
+
+
+def _show(cmd: list[str]) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> int:
+    """Replace this process with the Flower one (signals and exit code go straight to it)."""
+    _show(cmd)
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def _flwr_home(args: argparse.Namespace) -> Path:
+    return Path(args.flwr_home or os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def _creds(args: argparse.Namespace) -> Credentials | None:
+    if args.insecure:
+        return None
+    if not args.credentials:
+        raise DeployError("pass --credentials DIR (from `python -m fedlora.deploy credentials`) or, for local development only, --insecure")
+    return Credentials(Path(args.credentials))
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    cmd = superlink_command(_creds(args), args.host, args.port, Path(args.database) if args.database else None)
+    return _exec(cmd, flower_env())
+
+
+def _node_config(args: argparse.Namespace) -> dict[str, object]:
+    config: dict[str, object] = {}
+    if args.partition_id is not None:
+        config["partition-id"] = args.partition_id
+    if args.num_partitions is not None:
+        config["num-partitions"] = args.num_partitions
+    if args.data_path:
+        path = Path(args.data_path).resolve()
+        if not path.is_file():
+            raise DeployError(f"--data-path {path} does not exist on this SuperNode's machine")
+        config["data-path"] = str(path)
+    if "partition-id" not in config:
+        raise DeployError("pass --partition-id (this data holder's client id; with --num-partitions for a shard of the configured dataset, or with --data-path for local data)")
+    if "data-path" not in config and "num-partitions" not in config:
+        raise DeployError("pass --num-partitions (shard of the configured dataset) or --data-path (this node's own file)")
+    return config
+
+
+def _ca_cert(args: argparse.Namespace) -> Path | None:
+    """The CA to verify the SuperLink with: --ca-cert, or the one in --credentials."""
+    if args.insecure:
+        return None
+    if args.ca_cert:
+        return Path(args.ca_cert)
+    return _creds(args).ca_cert
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    ca = _ca_cert(args)
+    key = Path(args.key) if args.key else None
+    if key is None and ca is not None:
+        if args.index is None or not args.credentials:
+            raise DeployError("pass --key PATH (or --credentials DIR --index I for keys/supernode-I): "
+                              "the SuperLink only admits registered SuperNodes")
+        key = Credentials(Path(args.credentials)).node_key(args.index)
+    cmd = supernode_command(args.superlink, _node_config(args), args.port, ca, key)
+    check_superlink(args.superlink, ca)
+    return _exec(cmd, flower_env())
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    path = write_connection(_flwr_home(args), args.name, args.address, _ca_cert(args))
+    print(f"connection {args.name!r} -> {args.address} written to {path}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    env = flower_env(_flwr_home(args))
+    for key in args.public_keys:
+        node_id = register_supernode(Path(key), args.connection, env)
+        print(f"registered {key} as SuperNode {node_id}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = " ".join(args.overrides)
+    saved = Path(args.run_dir or "") / OVERRIDES_FILE
+    if args.resume and not overrides and args.run_dir and saved.is_file():
+        # The ClientApps compose the run config's overrides: resume with the original ones.
+        overrides = saved.read_text().strip()
+    check_overrides(overrides)
+    cmd = [flower_bin("flwr"), "run", str(APP_DIR), args.connection,
+           "--run-config", run_config_text(overrides, args.run_dir, args.resume)]
+    if not args.no_stream:
+        cmd.append("--stream")
+    return _exec(cmd, flower_env(_flwr_home(args)))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """A whole local federation on this machine, PIDs kept in ``<state-dir>/pids.json``."""
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / STATE).is_file():
+        raise DeployError(f"{state / STATE} exists: a federation is up; stop it with `python -m fedlora.deploy down --state-dir {state}`")
+    flwr_home = Path(args.flwr_home) if args.flwr_home else state / "flwr-home"
+    env = flower_env(flwr_home)
+    creds = None
+    if not args.insecure:
+        creds = Credentials(Path(args.credentials) if args.credentials else state / "credentials")
+        missing = [creds.node_key(i) for i in range(args.supernodes) if not creds.node_key(i).is_file()]
+        if not creds.ca_cert.is_file() or missing:
+            credentials_cli.main(["--out", str(creds.root), "--supernodes", str(args.supernodes), "--force"])
+    address = f"127.0.0.1:{args.port}"
+    pids: dict[str, int] = {}
+    try:
+        cmd = superlink_command(creds, "127.0.0.1", args.port, state / "superlink.db")
+        _show(cmd)
+        link = start(cmd, state / "superlink.log", env, cwd=APP_DIR)
+        pids["superlink"] = link.pid
+        wait_listening(address, link, state / "superlink.log")
+        write_connection(flwr_home, args.connection, address, None if creds is None else creds.ca_cert)
+        for i in range(args.supernodes):
+            if creds is not None:
+                node_id = register_supernode(creds.node_public_key(i), args.connection, env)
+                print(f"registered SuperNode {i} as {node_id}")
+            cmd = supernode_command(
+                address, {"partition-id": i, "num-partitions": args.supernodes}, args.port + 1 + i,
+                None if creds is None else creds.ca_cert, None if creds is None else creds.node_key(i),
+            )
+            _show(cmd)
+            pids[f"supernode-{i}"] = start(cmd, state / f"supernode-{i}.log", env, cwd=APP_DIR).pid
+        (state / STATE).write_text(json.dumps(pids, indent=2))
+        wait_for_online(args.connection, env, args.supernodes)
+    except BaseException:
+        for pid in pids.values():
+            stop(pid)
+        (state / STATE).unlink(missing_ok=True)
+        raise
+    print(f"up: SuperLink {address} ({'insecure' if creds is None else 'TLS + SuperNode auth'}), "
+          f"{args.supernodes} SuperNodes online; logs and PIDs in {state}")
+    print(f"run:  FLWR_HOME={flwr_home} python -m fedlora.deploy run --connection {args.connection} --run-dir outputs/deployed <overrides>")
+    print(f"stop: python -m fedlora.deploy down --state-dir {state}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    path = Path(args.state_dir) / STATE
+    if not path.is_file():
+        print(f"nothing to stop: {path} does not exist")
+        return 0
+    for name, pid in json.loads(path.read_text()).items():
+        stop(int(pid))
+        print(f"stopped {name} (pid {pid})")
+    path.unlink()
+    return 0
+
+
+def _security(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--credentials", help="directory written by `python -m fedlora.deploy credentials`")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local development only)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fedlora.deploy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--flwr-home", help="Flower's config dir (default $FLWR_HOME or ~/.flwr)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("credentials", help="generate a CA, the SuperLink certificate and SuperNode keys", add_help=False)
+
+    p = sub.add_parser("superlink", help="start a SuperLink (foreground)")
+    _security(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
+    p.set_defaults(func=cmd_superlink)
+
+    p = sub.add_parser("supernode", help="start a SuperNode (foreground)")
+    _security(p)
+    p.add_argument("--superlink", required=True, help="SuperLink address host:port")
+    p.add_argument("--index", type=int, help="use keys/supernode-INDEX from --credentials")
+    p.add_argument("--key", help="this SuperNode's private key (OpenSSH format)")
+    p.add_argument("--ca-cert", help="CA certificate (default: certificates/ca.crt in --credentials)")
+    p.add_argument("--partition-id", type=int, help="this data holder's client id")
+    p.add_argument("--num-partitions", type=int, help="shards of the configured dataset")
+    p.add_argument("--data-path", help="this node's own CSV/JSONL/Parquet instead of a shard")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT + 1, help="the SuperNode's local app API port")
+    p.set_defaults(func=cmd_supernode)
+
+    p = sub.add_parser("connect", help="write a SuperLink connection into $FLWR_HOME/config.toml")
+    _security(p)
+    p.add_argument("--name", required=True)
+    p.add_argument("--address", required=True)
+    p.add_argument("--ca-cert")
+    p.set_defaults(func=cmd_connect)
+
+    p = sub.add_parser("register", help="register SuperNode public keys (SuperLink with node auth)")
+    p.add_argument("--connection", required=True)
+    p.add_argument("public_keys", nargs="+")
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("run", help="submit the experiment with `flwr run` (Hydra overrides as arguments)")
+    p.add_argument("--connection", required=True)
+    p.add_argument("--run-dir", help="where the ServerApp writes results (default outputs/flwr-run-<id>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its checkpoint")
+    p.add_argument("--no-stream", action="store_true", help="submit and return instead of streaming logs")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=quick privacy.target_epsilon=3")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("up", help="start a SuperLink and N SuperNodes on this machine")
+    p.add_argument("--supernodes", type=int, default=2)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--state-dir", default=".deploy")
+    p.add_argument("--connection", default="local-deployment")
+    _security(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop what `up` started")
+    p.add_argument("--state-dir", default=".deploy")
+    p.set_defaults(func=cmd_down)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["credentials"]:
+        return credentials_cli.main(argv[1:])
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (DeployError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
