@@ -198,6 +198,9 @@ class RoundProgress:
     def on_finish(self, final: dict[str, Any], recorder: Any) -> None:
         self.close()
 
+    def on_stop(self, stopped: dict[str, Any], recorder: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         """Leave the bar as it stands and give the terminal streams and Flower's
         console logging back."""

@@ -248,6 +248,22 @@ class WandbTracker:
         finally:
             self.close(exit_code=0)
 
+    def on_stop(self, stopped: dict[str, Any], recorder: Any) -> None:
+        """A failed round ended the run early (resumable): the W&B run is closed as
+        failed, with the reason and the epsilon table up to that round."""
+        if self.finished:
+            return
+        import wandb
+
+        try:
+            self.run.summary.update({"stopped/reason": stopped.get("reason"),
+                                     "stopped/after_round": stopped.get("after_round")})
+            rows = client_epsilon_rows(recorder)
+            if rows:
+                self.run.log({"privacy/client_epsilon": wandb.Table(columns=CLIENT_EPSILON_COLUMNS, data=rows)})
+        finally:
+            self.close(exit_code=1)
+
     def _log_final(self, final: dict[str, Any], recorder: Any) -> None:
         import wandb
 

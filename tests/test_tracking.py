@@ -249,3 +249,20 @@ def test_multirun_jobs_share_a_group_and_are_named_by_job_and_overrides():
     assert job_labels(hydra_cfg(RunMode.RUN)) == {}
     cfg = with_job_labels(_cfg(group="mine"), multi)
     assert cfg.tracking.group == "mine" and cfg.tracking.name == "job 2: privacy.target_epsilon=3"
+
+
+def test_stopped_run_closes_its_wandb_run_as_failed_with_the_reason(tmp_path, wandb_env):
+    cfg = _cfg()
+    recorder = RunRecorder(tmp_path / "run", OmegaConf.to_container(cfg), "sample", 1e-5, 2, echo=lambda _: None)
+    (tracker,) = attach_tracking(recorder, cfg)
+    recorder.on_evaluate(0, 0.7, {"accuracy": 0.5})
+    recorder.on_fit(1, [{"cid": 0, "epsilon": 0.5, "delta": 1e-5, "accepted": True}], [], 0.0)
+    recorder.on_evaluate(1, 0.6, {"accuracy": 0.625})
+    recorder.stop("round 2 failed: 0 valid update(s)")
+    assert tracker.finished
+    records = list(wandb_records(next(Path(recorder.tracking["wandb"]["dir"]).glob("run-*.wandb"))))
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [1]
+    summary = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update}
+    assert summary["stopped/reason"].startswith("round 2 failed") and summary["stopped/after_round"] == 1
+    assert not wandb_processes()
