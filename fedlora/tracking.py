@@ -175,9 +175,9 @@ class WandbTracker:
         tags = [str(t) for t in (tracking.get("tags") or [])]
         # wandb's own messages go to its debug logs; the run says where it lives below.
         quiet = wandb.Settings(silent=True, console="off", init_timeout=30)
-        wandb.setup(settings=quiet)
 
         def init(mode_: str | None):
+            wandb.setup(settings=quiet)
             return wandb.init(
                 project=tracking.get("project") or "dp-federated-lora-lab",
                 entity=tracking.get("entity"),
@@ -198,7 +198,8 @@ class WandbTracker:
             if mode == "offline":
                 recorder.echo(f"W&B tracking off: could not start an offline run ({err})")
                 return None
-            recorder.echo(f"W&B could not start online ({type(err).__name__}: {err}); tracking offline instead")
+            recorder.echo(f"W&B could not start {mode or 'as configured'} ({type(err).__name__}: {err}); "
+                          "tracking offline instead")
             try:
                 run = init("offline")
             except Exception as err2:  # noqa: BLE001
@@ -219,7 +220,8 @@ class WandbTracker:
             "entity": settings.entity,
             "group": self.run.group or None,
             "mode": settings.mode,
-            "dir": settings.sync_dir,
+            # A disabled run writes nothing anywhere.
+            "dir": None if settings.mode == "disabled" else settings.sync_dir,
         }
         if settings.mode == "offline":
             loc["sync_command"] = f"wandb sync {settings.sync_dir}"
