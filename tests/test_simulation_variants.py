@@ -16,6 +16,7 @@ pytestmark = pytest.mark.integration
 TINY = [
     "model=tiny_bert", "data.max_train_samples=160", "data.max_test_samples=40",
     "train.batch_size=16", "train.local_steps=2", "train.probe_steps=0", "federation.fraction_evaluate=0",
+    "tracking=none",  # W&B is tested in test_tracking / test_simulation; these test the mechanisms
 ]
 
 
