@@ -33,7 +33,7 @@ from fedlora.checkpoint import run_config  # noqa: E402
 from fedlora.config import plain_config  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.results import epsilon_text  # noqa: E402
-from simulations.preflight import backend_cpus, preflight  # noqa: E402
+from strategies.preflight import backend_cpus, preflight  # noqa: E402
 
 log = logging.getLogger("simulations.run")
 

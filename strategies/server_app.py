@@ -217,8 +217,12 @@ app = ServerApp()
 
 @app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
+    from strategies.preflight import preflight  # it imports this module: not at the top
+
     try:
         cfg, run_dir, resume = deployed_config(dict(context.run_config), context.run_id)
+        # The same checks as a simulation, before any SuperNode trains.
+        preflight(cfg, simulation=False)
     except ConfigError as err:
         log(ERROR, "error: %s", err)
         raise RuntimeError(f"error: {err}") from None

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from fedlora.client import LoRAClient
 from fedlora.errors import ConfigError
 from fedlora.privacy.budgets import check_budgets, client_epsilon, fraction_clients
-from simulations.preflight import preflight
+from strategies.preflight import preflight
 from strategies.fedlora_strategy import FedLoRAStrategy
 
 

@@ -228,3 +228,16 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert (tmp_path / "c" / "keys" / "supernode-0.pub").is_file()
     assert deploy_main(["credentials", "--out", str(tmp_path / "c")]) == 2  # never overwrites silently
     assert "--force" in capsys.readouterr().err
+
+
+def test_deployed_runs_get_the_simulation_checks(tiny_cfg):
+    from strategies.preflight import preflight
+
+    # Robust rule + client-level DP is refused in deployment as in simulation...
+    with pytest.raises(ConfigError, match="no sensitivity bound"):
+        preflight(tiny_cfg("privacy=client", "strategy=median"), simulation=False)
+    # ...while the simulation backend's CPU count does not bind deployed clients.
+    cfg = tiny_cfg("federation.client_resources.num_cpus=64")
+    with pytest.raises(ConfigError, match="CPUs per client"):
+        preflight(cfg)
+    assert preflight(cfg, simulation=False).client_sizes

@@ -1,7 +1,7 @@
 import pytest
 
 from fedlora.errors import ConfigError
-from simulations.preflight import preflight
+from strategies.preflight import preflight
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from opacus.accountants import RDPAccountant
 from fedlora.client import LoRAClient
 from fedlora.errors import ConfigError
 from fedlora.training import train_probe
-from simulations.preflight import preflight
+from strategies.preflight import preflight
 
 
 def test_probe_gradient_is_the_autograd_gradient():

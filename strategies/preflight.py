@@ -1,4 +1,5 @@
-"""Checks that stop a bad experiment before the federation starts.
+"""Checks that stop a bad experiment before the federation starts, in simulation
+(``simulations.run``) and in deployment (the ServerApp of ``flwr run``).
 
 Every problem is reported as a :class:`ConfigError` naming the setting to change:
 federation sizes, data and columns, partitions, the model, and the privacy plan of
@@ -42,7 +43,7 @@ def backend_cpus(cfg: Any) -> int:
     return int(configured) if configured else (os.cpu_count() or 1)
 
 
-def check_federation(cfg: Any) -> None:
+def check_federation(cfg: Any, simulation: bool = True) -> None:
     fed = cfg.federation
     n = int(fed.num_clients)
     if n < 1:
@@ -69,7 +70,8 @@ def check_federation(cfg: Any) -> None:
     if min_results is not None and not 1 <= int(min_results) <= n:
         raise ConfigError("federation.min_fit_results", f"must lie in [1, num_clients={n}] or be null, got {min_results}")
     cpus = float(fed.client_resources.num_cpus)
-    if cpus <= 0 or cpus > backend_cpus(cfg):
+    # Deployed clients run on their SuperNodes' machines, not this one's cores.
+    if simulation and (cpus <= 0 or cpus > backend_cpus(cfg)):
         raise ConfigError(
             "federation.client_resources.num_cpus",
             f"{cpus} CPUs per client but the backend has {backend_cpus(cfg)}",
@@ -135,8 +137,8 @@ def check_client_dp_aggregator(name: str) -> None:
         )
 
 
-def preflight(cfg: Any) -> Preflight:
-    check_federation(cfg)
+def preflight(cfg: Any, simulation: bool = True) -> Preflight:
+    check_federation(cfg, simulation)
     check_tracking(cfg)
     task = load_task_data_cached(cfg.data, int(cfg.seed))
     n = int(cfg.federation.num_clients)
