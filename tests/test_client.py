@@ -60,3 +60,26 @@ def test_clients_hold_disjoint_shards(tiny_cfg):
     rows = [set(a.train_idx), set(a.val_idx), set(b.train_idx), set(b.val_idx)]
     assert sum(len(r) for r in rows) == cfg.data.max_train_samples
     assert len(set().union(*rows)) == cfg.data.max_train_samples
+
+
+def test_client_trains_on_its_own_data_path(tiny_cfg, tmp_path):
+    """A SuperNode started with --node-config "partition-id=1 data-path=<file>" trains on
+    that file, its labels mapped to the configured task's classes."""
+    from fedlora.client import make_client_fn
+
+    cfg = tiny_cfg("privacy=none")
+    task = load_task_data_cached(cfg.data, cfg.seed)
+    rows = task.test.select(range(30))  # stands in for a data holder's own file
+    path = tmp_path / "mine.csv"
+    names = task.label_names
+    # The configured columns (finefood: review, score) and its class names.
+    path.write_text(f"{cfg.data.text_column},{cfg.data.label_column}\n" + "".join(
+        f"\"{t.replace(chr(34), '')}\",{names[y]}\n" for t, y in zip(rows["text"], rows["label"])))
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "data-path": str(path)},
+                  state=RecordDict(), run_config={})
+    client = make_client_fn(cfg)(ctx).numpy_client
+    assert len(client.train_idx) + len(client.val_idx) == 30
+    assert client.task.train["label"] == rows["label"]
+    bundle = get_bundle(cfg, task.num_labels)
+    delta, n, metrics = client.fit(get_arrays(bundle.model, bundle.names), {"server_round": 1})
+    assert n == len(client.train_idx) and metrics["partition_id"] == 1
