@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from flwr.app import ConfigRecord, Context
 from flwr.client import NumPyClient
 
@@ -37,7 +38,6 @@ ATTACK_SALT = 0xA77AC
 
 @functools.lru_cache(maxsize=4)
 def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: int):
-    from omegaconf import OmegaConf
 
     task = load_task_data_cached(json.loads(data_key), seed)
     return partition_indices(task.train, num_partitions, OmegaConf.create(json.loads(partition_key)))
@@ -45,7 +45,6 @@ def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: in
 
 def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: int):
     """(train, validation) row indices of one client, identical in every process."""
-    from omegaconf import OmegaConf
 
     keys = (json.dumps(OmegaConf.to_container(c, resolve=True), sort_keys=True) for c in (cfg.data, cfg.partition))
     parts = _partitions(*keys, num_partitions, int(cfg.seed))
@@ -77,6 +76,12 @@ class LoRAClient(NumPyClient):
         self.state = context.state
         self.task = load_task_data_cached(cfg.data, int(cfg.seed))
         self.num_partitions = num_partitions
+        # What the rows come from: the model bundle (and its shard cache) outlives one
+        # experiment's data settings within a process.
+        self.data_key = json.dumps(
+            [OmegaConf.to_container(c, resolve=True) for c in (cfg.data, cfg.partition)]
+            + [num_partitions, data_path, int(cfg.seed)], sort_keys=True,
+        )
         if data_path:
             # The node's own file replaces its shard of the configured dataset.
             rows = load_node_data(data_path, cfg.data, self.task.label_names)
@@ -101,7 +106,8 @@ class LoRAClient(NumPyClient):
         else:
             idx = client_indices(self.cfg, self.task, pid, self.num_partitions)[0 if split == "train" else 1]
         flip = split == "train" and self.attack == "label_flip" and pid in self.colluders
-        return cached_shard(bundle, (split, pid, flip), lambda: self._tokenize(bundle, idx, flip))
+        key = (self.data_key, split, pid, flip)
+        return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
 
     def _tokenize(self, bundle: ModelBundle, idx, flip: bool):
         rows = self.task.train.select(idx)
