@@ -36,18 +36,20 @@ DP_STATE = "dp_history"
 ATTACK_SALT = 0xA77AC
 
 
+def config_key(cfg: Any) -> str:
+    """A config group as canonical JSON: a hashable cache key, identical in every process."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+
+
 @functools.lru_cache(maxsize=4)
 def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: int):
-
     task = load_task_data_cached(json.loads(data_key), seed)
     return partition_indices(task.train, num_partitions, OmegaConf.create(json.loads(partition_key)))
 
 
 def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: int):
     """(train, validation) row indices of one client, identical in every process."""
-
-    keys = (json.dumps(OmegaConf.to_container(c, resolve=True), sort_keys=True) for c in (cfg.data, cfg.partition))
-    parts = _partitions(*keys, num_partitions, int(cfg.seed))
+    parts = _partitions(config_key(cfg.data), config_key(cfg.partition), num_partitions, int(cfg.seed))
     return client_split(
         parts[partition_id], float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
     )
@@ -78,10 +80,7 @@ class LoRAClient(NumPyClient):
         self.num_partitions = num_partitions
         # What the rows come from: the model bundle (and its shard cache) outlives one
         # experiment's data settings within a process.
-        self.data_key = json.dumps(
-            [OmegaConf.to_container(c, resolve=True) for c in (cfg.data, cfg.partition)]
-            + [num_partitions, data_path, int(cfg.seed)], sort_keys=True,
-        )
+        self.data_key = (config_key(cfg.data), config_key(cfg.partition), num_partitions, data_path, int(cfg.seed))
         if data_path:
             # The node's own file replaces its shard of the configured dataset.
             rows = load_node_data(data_path, cfg.data, self.task.label_names)

@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedlora.client import make_client_fn
-from fedlora.config import compose_cached
+from fedlora.config import compose_overrides
 
 
 def secure_mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -26,7 +26,7 @@ def make_client_app(cfg: Any) -> ClientApp:
 
 
 def _deployed_client_fn(context: Context):
-    cfg = compose_cached(str(context.run_config.get("overrides", "")))
+    cfg = compose_overrides(str(context.run_config.get("overrides", "")))
     return make_client_fn(cfg)(context)
 
 

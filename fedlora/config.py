@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedlora.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # A deployed run's Hydra overrides, kept in its run dir: a resume must use the same ones.
 OVERRIDES_FILE = "overrides.txt"
@@ -40,6 +42,19 @@ def compose(overrides: list[str] | str = ()) -> DictConfig:
 def compose_cached(overrides: str) -> DictConfig:
     """``compose`` once per process for the same override string (deployed apps)."""
     return compose(overrides)
+
+
+def compose_overrides(overrides: str) -> DictConfig:
+    """``compose_cached`` with Hydra's rejection of an override (unknown key or group,
+    bad syntax) as a ConfigError in one line instead of a stack trace."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose_cached(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError("overrides", f"Hydra rejected {overrides!r}: {first}") from None
 
 
 def seed_for(*parts: int) -> int:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.atomic import write_atomic
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 
 PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
@@ -31,12 +31,7 @@ def epsilon_text(epsilon: float | None, delta: float | None, unit: str) -> str:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, default=_json_default)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(payload, indent=2, default=_json_default).encode())
 
 
 def _json_default(value: Any) -> Any:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from fedlora.client import client_indices, client_plan
 from fedlora.data import TaskData
 from fedlora.data.sources import load_task_data_cached
@@ -25,9 +27,22 @@ from fedlora.tracking import check_tracking
 from fedlora.attacks import malicious_clients
 from fedlora.privacy.calibration import clients_per_round
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
-from strategies.server_app import aggregator_name, aggregator_params
 
 PRIVACY_UNITS = ("none", "sample", "client")
+
+
+def aggregator_name(strategy_cfg: Any) -> str:
+    """``strategy.aggregator``: a registered name, a dotted path, or ``{_target_: path}``."""
+    agg = strategy_cfg.aggregator
+    return str(agg["_target_"]) if OmegaConf.is_dict(agg) or isinstance(agg, dict) else str(agg)
+
+
+def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
+    """The aggregator's keyword arguments (``strategy.params``), nulls left to defaults."""
+    params = strategy_cfg.get("params") or {}
+    if OmegaConf.is_config(params):
+        params = OmegaConf.to_container(params, resolve=True)
+    return {k: v for k, v in params.items() if v is not None}
 
 
 @dataclass

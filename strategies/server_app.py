@@ -24,7 +24,7 @@ from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from fedlora.checkpoint import run_config as load_run_config
 from fedlora.errors import ConfigError
 from fedlora.client import max_client_examples
-from fedlora.config import OVERRIDES_FILE, compose_cached, plain_config
+from fedlora.config import OVERRIDES_FILE, compose_overrides, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
 from fedlora.plots import RunPlots
@@ -36,20 +36,7 @@ from fedlora.tracking import attach_tracking
 from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.training import evaluate, tokenize
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
-
-
-def aggregator_name(strategy_cfg: Any) -> str:
-    """``strategy.aggregator``: a registered name, a dotted path, or ``{_target_: path}``."""
-    agg = strategy_cfg.aggregator
-    return str(agg["_target_"]) if OmegaConf.is_dict(agg) or isinstance(agg, dict) else str(agg)
-
-
-def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
-    """The aggregator's keyword arguments (``strategy.params``), nulls left to defaults."""
-    params = strategy_cfg.get("params") or {}
-    if OmegaConf.is_config(params):
-        params = OmegaConf.to_container(params, resolve=True)
-    return {k: v for k, v in params.items() if v is not None}
+from strategies.preflight import aggregator_name, aggregator_params, preflight
 
 
 def min_fit_results(cfg: Any) -> int | None:
@@ -187,17 +174,10 @@ def deployed_config(run_config: dict[str, Any], run_id: int) -> tuple[Any, Path,
     overrides must give the run dir's own config.yaml (the ClientApps compose the same
     overrides, so a different config would train different clients). Bad input raises
     ConfigError naming the fix."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     run_dir = Path(str(run_config.get("run-dir", "") or f"outputs/flwr-run-{run_id}")).resolve()
     resume = bool(run_config.get("resume", False))
     overrides = str(run_config.get("overrides", ""))
-    try:
-        cfg = compose_cached(overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError("overrides", f"Hydra rejected {overrides!r}: {first}") from None
+    cfg = compose_overrides(overrides)
     if resume:
         saved = plain_config(load_run_config(run_dir))
         strip = lambda c: {k: v for k, v in OmegaConf.to_container(c).items() if k != "resume"}  # noqa: E731
@@ -217,8 +197,6 @@ app = ServerApp()
 
 @app.main()
 def _deployed_main(grid: Grid, context: Context) -> None:
-    from strategies.preflight import preflight  # it imports this module: not at the top
-
     try:
         cfg, run_dir, resume = deployed_config(dict(context.run_config), context.run_id)
         # The same checks as a simulation, before any SuperNode trains.

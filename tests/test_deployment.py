@@ -8,7 +8,6 @@ when the module finishes, whatever happened.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -308,10 +307,3 @@ def test_bad_override_is_reported_by_the_server(federation, tmp_path):
     assert "Hydra rejected" in log and "no_such_rule" in log, log[-2000:]
     assert not (tmp_path / "bad" / "results.json").exists()
 
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch):
-    # The Flower CLI must read the test's connection, never a user's ~/.flwr.
-    monkeypatch.delenv("FLWR_HOME", raising=False)
-    yield
-    os.environ.pop("FLWR_HOME", None)

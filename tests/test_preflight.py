@@ -65,7 +65,7 @@ def test_unknown_model_message_from_the_cli(tmp_path):
 def test_aggregator_by_hydra_target_or_dotted_path(tiny_cfg):
     from strategies.aggregators import median
     from strategies.fedlora_strategy import FedLoRAStrategy
-    from strategies.server_app import aggregator_name
+    from strategies.preflight import aggregator_name
 
     for override in ("strategy.aggregator={_target_:strategies.aggregators.median}",
                      "strategy.aggregator=strategies.aggregators.median"):

@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedlora.atomic import write_atomic
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -34,16 +36,6 @@ class TLSFiles:
     ca_cert: Path
     server_cert: Path
     server_key: Path
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -113,11 +105,11 @@ def make_tls(out_dir: Path, hosts: tuple[str, ...] | list[str] = DEFAULT_HOSTS, 
         .sign(ca_key, hashes.SHA384())
     )
     certs = out_dir / "certificates"
-    _write(certs / "ca.key", _key_pem(ca_key), private=True)
+    write_atomic(certs / "ca.key", _key_pem(ca_key), private=True)
     files = TLSFiles(
-        ca_cert=_write(certs / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        server_cert=_write(certs / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM)),
-        server_key=_write(certs / "server.key", _key_pem(server_key), private=True),
+        ca_cert=write_atomic(certs / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
+        server_cert=write_atomic(certs / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM)),
+        server_key=write_atomic(certs / "server.key", _key_pem(server_key), private=True),
     )
     return files
 
@@ -129,14 +121,14 @@ def make_node_keys(out_dir: Path, name: str) -> tuple[Path, Path]:
     """
     key = ec.generate_private_key(ec.SECP384R1())
     keys = Path(out_dir) / "keys"
-    private = _write(
+    private = write_atomic(
         keys / name,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         ),
         private=True,
     )
-    public = _write(
+    public = write_atomic(
         keys / f"{name}.pub",
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         + f" {name}\n".encode(),
@@ -156,7 +148,7 @@ def check_tls(ca_cert: Path, server_cert: Path | None = None, server_key: Path |
     cert = x509.load_pem_x509_certificate(Path(server_cert).read_bytes())
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as err:  # InvalidSignature has no common base
+    except (InvalidSignature, ValueError, TypeError) as err:  # other issuer / key type
         raise ValueError(
             f"server certificate {server_cert} was not issued by the CA {ca_cert} ({type(err).__name__}); "
             f"use the ca.crt generated together with it, or {fix}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import socket
 import ssl
@@ -28,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.atomic import write_atomic
 from fedlora.deploy.credentials import check_tls
 
 DEFAULT_PORT = 9093
@@ -219,6 +219,9 @@ def write_connection(
     parse_address(address)
     path = Path(flwr_home) / "config.toml"
     data = tomllib.loads(path.read_text()) if path.is_file() else {}
+    for section in data:
+        if section != "superlink":
+            raise DeployError(f"{path} has a [{section}] section this tool does not edit; add the connection by hand")
     links = dict(data.get("superlink", {}))
     entry: dict[str, object] = {"address": address}
     if ca_cert is None:
@@ -234,14 +237,7 @@ def write_connection(
         for key, value in fields.items():
             lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
         lines.append("")
-    for section, body in data.items():
-        if section != "superlink":
-            raise DeployError(f"{path} has a [{section}] section this tool does not edit; add the connection by hand")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("config.toml.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "\n".join(lines).encode())
 
 
 def _flwr_json(args: list[str], env: Mapping[str, str], timeout: float = 60.0) -> dict:
@@ -297,18 +293,15 @@ def run_config_text(overrides: str, run_dir: Path | str | None = None, resume: b
 def check_overrides(overrides: str):
     """Compose the experiment here first: Hydra's error for a bad override is shown at
     once, not from inside the ServerApp on the SuperLink."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fedlora.config import compose
+    from fedlora.config import compose_overrides
+    from fedlora.errors import ConfigError
 
     try:
-        return compose(shlex.split(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return compose_overrides(overrides)
+    except ConfigError as err:
         raise DeployError(
-            f"Hydra rejected the overrides {overrides!r}: {first}; the overrides use the same "
-            "syntax and conf/ groups as `python -m simulations.run` (try them there with --cfg job)"
+            f"{err}; the overrides use the same syntax and conf/ groups as "
+            "`python -m simulations.run` (try them there with --cfg job)"
         ) from None
 
 
