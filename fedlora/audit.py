@@ -214,6 +214,8 @@ class AuditTrail:
             "config_sha256": self.config_sha256,
             "privacy": {**privacy, "accountant": recorder.accountant, "delta": recorder.delta,
                         "client_budgets": client_budgets(privacy, num_clients)},
+            # Where the DP noise came from (OS entropy, or a noise_seed: not private).
+            "noise": recorder.noise,
             "strategy": self.config.get("strategy"),
             "attack": recorder.attack,
             "num_clients": num_clients,

@@ -3,20 +3,22 @@
 Per round: load the global adapter into the process's cached model, run the local
 steps (Opacus DP-SGD under sample-level DP), and return only the adapter delta
 ``local - global`` with the client's privacy state in the metrics. The accountant
-history lives in Flower's ``context.state``, which persists per node for the whole
-run, so epsilon composes over every round the client took part in.
+history is the client's own spend record on its own disk (:mod:`fedlora.client_state`),
+written before the update leaves, so epsilon composes over every round the client
+took part in, across restarts of the server or of the node.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.client import NumPyClient
 
 from fedlora.attacks import COLLUDING, MODEL_POISONING, alie_z, flip_labels, malicious_clients, poison_delta
@@ -29,10 +31,20 @@ from fedlora.privacy.calibration import clients_per_round
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
-from fedlora.secure import clip_l2, quantization_error, secure_enabled, secure_settings
-from fedlora.training import TrainStats, embed_all, evaluate, tokenize, train_dp, train_plain, train_probe
+from fedlora.client_state import EXPERIMENT_KEY, HISTORY_KEY, SpendLog, state_dir
+from fedlora.privacy.randomness import NOISE, SAMPLING, NoiseSource
+from fedlora.secure import prepare_update, secure_enabled, secure_settings
+from fedlora.training import (
+    DPGenerators,
+    TrainStats,
+    embed_all,
+    evaluate,
+    tokenize,
+    train_dp,
+    train_plain,
+    train_probe,
+)
 
-DP_STATE = "dp_history"
 ATTACK_SALT = 0xA77AC
 
 
@@ -71,11 +83,11 @@ class LoRAClient(NumPyClient):
     """One data holder. Holds only its own shard; the model is per-process."""
 
     def __init__(
-        self, cfg: Any, partition_id: int, num_partitions: int, context: Context, data_path: str | None = None
+        self, cfg: Any, partition_id: int, num_partitions: int, state_dir: Path | str, data_path: str | None = None
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
-        self.state = context.state
+        self.state_dir = Path(state_dir)
         self.task = load_task_data_cached(cfg.data, int(cfg.seed))
         self.num_partitions = num_partitions
         # What the rows come from: the model bundle (and its shard cache) outlives one
@@ -115,22 +127,35 @@ class LoRAClient(NumPyClient):
             rows = rows.remove_columns("label").add_column("label", flipped.tolist())
         return tokenize(rows, bundle.tokenizer, self.cfg.model.max_length)
 
-    def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, generator: torch.Generator):
+    def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, pid: int, server_round: int):
         """One round of local training from the loaded global adapter: optional linear
-        probe, then the fine-tuning steps (DP-SGD when ``plan`` is set)."""
+        probe, then the fine-tuning steps (DP-SGD when ``plan`` is set).
+
+        The experiment seed drives what must be reproducible (batch order without DP,
+        dropout); under DP the noise and the Poisson masks come from secret generators
+        (:mod:`fedlora.privacy.randomness`), never from the seed.
+        """
         cfg = self.cfg
+        seed = seed_for(cfg.seed, pid, server_round)
+        torch.manual_seed(seed)  # dropout; DP noise never comes from this generator
+        shuffle = torch.Generator().manual_seed(seed)
+        secret = None
+        if plan is not None:
+            noise = NoiseSource.from_config(cfg.privacy)
+            secret = DPGenerators(noise=noise.torch_generator(pid, server_round, NOISE),
+                                  sampling=noise.torch_generator(pid, server_round, SAMPLING))
         n_probe = probe_steps(cfg.train)
         probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
         if n_probe:
             # Linear probing on the current adapter's features, then fine-tuning.
             embed, head = probe_parts(bundle.model)
             features = embed_all(embed, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
-            probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, generator)
+            probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, shuffle, secret)
         n_tune = local_steps(len(data), cfg.train)
         if plan is None:
-            stats = train_plain(bundle.model, data, cfg.train, n_tune, generator)
+            stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle)
         else:
-            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, generator)
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, secret)
         return probe, stats
 
     def _colluders_honest_deltas(self, bundle: ModelBundle, parameters, own: np.ndarray, server_round: int):
@@ -143,9 +168,7 @@ class LoRAClient(NumPyClient):
                 continue
             set_arrays(bundle.model, bundle.names, parameters)
             data = self._data(bundle, "train", pid)
-            seed = seed_for(self.cfg.seed, pid, server_round)
-            torch.manual_seed(seed)
-            self._train(bundle, data, client_plan(self.cfg, len(data), pid), torch.Generator().manual_seed(seed))
+            self._train(bundle, data, client_plan(self.cfg, len(data), pid), pid, server_round)
             rows.append(flatten(subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])))
         return np.stack(rows)
 
@@ -161,46 +184,15 @@ class LoRAClient(NumPyClient):
         rng = np.random.default_rng(seed_for(cfg.seed, self.partition_id, server_round, ATTACK_SALT))
         return unflatten(poison_delta(self.attack, flat, params, rng, honest), delta)
 
-    def history(self) -> list[tuple[float, float, int]]:
-        if DP_STATE not in self.state:
-            return []
-        rec = self.state[DP_STATE]
-        return list(zip(rec["noise_multiplier"], rec["sample_rate"], rec["steps"]))
-
-    def adopt_server_history(self, config: dict[str, Any]) -> None:
-        """After a resume the server sends each client's ledger history: a client that lost
-        its own state (a new run, a restarted node) continues from it, so epsilon keeps
-        composing. Only a longer history is taken, which can only raise the epsilon."""
-        raw = config.get("dp_histories")
-        if not raw:
-            return
-        entries = json.loads(str(raw)).get(str(self.partition_id)) or []
-        if len(entries) <= len(self.history()):
-            return
-        self.state[DP_STATE] = ConfigRecord(
-            {
-                "noise_multiplier": [float(e[0]) for e in entries],
-                "sample_rate": [float(e[1]) for e in entries],
-                "steps": [int(e[2]) for e in entries],
-                "round": [int(e[3]) for e in entries],
-            }
-        )
-
-    def _append_history(self, sigma: float, q: float, steps: int, server_round: int) -> None:
-        old = self.state[DP_STATE] if DP_STATE in self.state else None
-        rounds = list(old["round"]) if old is not None else []
-        hist = self.history()
-        hist.append((sigma, q, steps))
-        self.state[DP_STATE] = ConfigRecord(
-            {
-                "noise_multiplier": [float(h[0]) for h in hist],
-                "sample_rate": [float(h[1]) for h in hist],
-                "steps": [int(h[2]) for h in hist],
-                "round": rounds + [int(server_round)],
-            }
-        )
+    def spend_log(self, config: dict[str, Any]) -> SpendLog:
+        """This client's own spend record for the experiment the server names."""
+        return SpendLog(self.state_dir, str(config.get(EXPERIMENT_KEY) or "experiment"), self.partition_id)
 
     # -- NumPyClient -------------------------------------------------------------
+    def get_properties(self, config):
+        # The server asks a node's client id once after a resume, to send it its own history.
+        return {"partition_id": self.partition_id}
+
     def get_parameters(self, config):
         bundle = self._bundle()
         return get_arrays(bundle.model, bundle.names)
@@ -208,49 +200,32 @@ class LoRAClient(NumPyClient):
     def fit(self, parameters, config):
         cfg = self.cfg
         server_round = int(config.get("server_round", 0))
-        self.adopt_server_history(config)
         bundle = self._bundle()
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "train")
-        seed = seed_for(cfg.seed, self.partition_id, server_round)
-        torch.manual_seed(seed)  # DP noise is drawn from the global generator
-        generator = torch.Generator().manual_seed(seed)
         plan = client_plan(cfg, len(data), self.partition_id)
         metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit}
+        log, history = None, []
         if plan is not None:
-            next_history = self.history() + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
-            if epsilon_from_history(next_history, plan.delta, plan.accountant) > plan.target_epsilon:
+            log = self.spend_log(config)
+            server_history = json.loads(str(config[HISTORY_KEY])) if config.get(HISTORY_KEY) else None
+            history, refused = log.adopt(server_history)
+            if refused:
+                metrics["history_refused"] = refused
+            spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
+            planned = [h[:3] for h in history] + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+            if epsilon_from_history(planned, plan.delta, plan.accountant) > plan.target_epsilon:
                 # Never spend past the budget: decline with a reply, train nothing.
-                spent = epsilon_from_history(self.history(), plan.delta, plan.accountant)
                 metrics.update(
                     declined=True,
                     reason=f"privacy budget: eps {spent:.4f} spent of {plan.target_epsilon:g}; "
                     "another round would exceed it",
-                    epsilon=spent,
-                    budget_epsilon=plan.target_epsilon,
-                    delta=plan.delta,
                     steps=0,
+                    **self._privacy_metrics(plan, history, spent),
                 )
                 return [np.zeros_like(np.asarray(p)) for p in parameters], 0, metrics
-        probe, stats = self._train(bundle, data, plan, generator)
-        if plan is not None:
-            self._append_history(plan.noise_multiplier, plan.sample_rate, probe.steps + stats.steps, server_round)
-            metrics.update(
-                epsilon=epsilon_from_history(self.history(), plan.delta, plan.accountant),
-                delta=plan.delta,
-                sample_rate=plan.sample_rate,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.max_grad_norm,
-                accountant=plan.accountant,
-                budget_epsilon=plan.target_epsilon,
-                total_steps=int(sum(h[2] for h in self.history())),
-            )
-        metrics.update(
-            steps=probe.steps + stats.steps,
-            probe_steps=probe.steps,
-            train_loss=stats.loss if stats.steps else probe.loss,
-            num_examples=len(data),
-        )
+        probe, stats = self._train(bundle, data, plan, self.partition_id, server_round)
+        steps = probe.steps + stats.steps
         delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
         if self.malicious:
             metrics["attack"] = self.attack
@@ -260,7 +235,36 @@ class LoRAClient(NumPyClient):
         num_examples = len(data)
         if secure_enabled(cfg):
             delta, num_examples = self._prepare_secure(delta, num_examples, metrics)
+        if plan is not None:
+            # Recorded (fsync'd) before the update leaves: a server that dies before it
+            # aggregates cannot make this client forget the spend.
+            entry = (plan.noise_multiplier, plan.sample_rate, steps, server_round)
+            log.append([entry])
+            history = history + [entry]
+            spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
+            metrics.update(max_grad_norm=plan.max_grad_norm, **self._privacy_metrics(plan, history, spent))
+        metrics.update(
+            steps=steps,
+            probe_steps=probe.steps,
+            train_loss=stats.loss if stats.steps else probe.loss,
+            num_examples=len(data),
+        )
         return delta, num_examples, metrics
+
+    @staticmethod
+    def _privacy_metrics(plan: DPPlan, history: list, spent: float) -> dict[str, Any]:
+        """The client's privacy facts in its reply: its plan, its epsilon and its whole own
+        history (the server's ledger is the union of these and its checkpoint)."""
+        return {
+            "epsilon": spent,
+            "delta": plan.delta,
+            "sample_rate": plan.sample_rate,
+            "noise_multiplier": plan.noise_multiplier,
+            "accountant": plan.accountant,
+            "budget_epsilon": plan.target_epsilon,
+            "total_steps": int(sum(h[2] for h in history)),
+            HISTORY_KEY: json.dumps([list(h) for h in history]),
+        }
 
     def _prepare_secure(self, delta, num_examples: int, metrics: dict[str, Any]):
         """Before SecAgg+ masks it: clip the delta to the quantizer's range (fixed clipping,
@@ -270,8 +274,8 @@ class LoRAClient(NumPyClient):
         if cfg.privacy.unit == "client":
             num_examples = 1
         settings = secure_settings(cfg, max_client_examples(cfg, self.task, self.num_partitions))
-        delta, clipped = clip_l2(delta, settings.clipping_norm)
-        metrics.update(secure_clipped=clipped, quantization_error=quantization_error(delta, num_examples, settings))
+        delta, clipped, qerr = prepare_update(delta, num_examples, settings)
+        metrics.update(secure_clipped=clipped, quantization_error=qerr)
         return delta, num_examples
 
     def evaluate(self, parameters, config):
@@ -303,12 +307,16 @@ def node_identity(node_config: Any, num_clients: int) -> tuple[int, int, str | N
     return pid, num, data_path
 
 
-def make_client_fn(cfg: Any):
+def make_client_fn(cfg: Any, default_state_dir: Path | str | None = None):
+    """Flower's ``client_fn``; the node's spend records go under its ``state-dir``
+    (node config), else ``default_state_dir`` (a simulation's run dir), else
+    ``$FLWR_HOME/fedlora-client-state``."""
     cfg = plain_config(cfg)
 
     def client_fn(context: Context):
         torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
         pid, num, data_path = node_identity(context.node_config, int(cfg.federation.num_clients))
-        return LoRAClient(cfg, pid, num, context, data_path).to_client()
+        root = state_dir(context.node_config, default_state_dir)
+        return LoRAClient(cfg, pid, num, root, data_path).to_client()
 
     return client_fn

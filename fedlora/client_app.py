@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
@@ -21,8 +22,9 @@ def secure_mod(msg: Message, ctxt: Context, call_next) -> Message:
     return call_next(msg, ctxt)
 
 
-def make_client_app(cfg: Any) -> ClientApp:
-    return ClientApp(client_fn=make_client_fn(cfg), mods=[secure_mod])
+def make_client_app(cfg: Any, state_dir: Path | str | None = None) -> ClientApp:
+    """The ClientApp of a simulation: clients' spend records under ``state_dir``."""
+    return ClientApp(client_fn=make_client_fn(cfg, state_dir), mods=[secure_mod])
 
 
 def _deployed_client_fn(context: Context):

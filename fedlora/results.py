@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from fedlora.atomic import write_atomic
+from fedlora.client_state import HISTORY_KEY
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 
 PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
@@ -58,6 +60,8 @@ class RunRecorder:
         num_rounds: int,
         accountant: str = "rdp",
         echo=print,
+        noise: dict[str, Any] | None = None,
+        experiment_id: str = "",
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +72,9 @@ class RunRecorder:
         self.num_rounds = num_rounds
         self.accountant = accountant
         self.echo = echo
+        # Where the mechanisms' randomness came from (NoiseSource.describe()).
+        self.noise = noise or {}
+        self.experiment_id = experiment_id
         self.rounds: dict[int, dict[str, Any]] = {}
         self.client_epsilon: dict[str, float] = {}
         self.ledger = PrivacyLedger()
@@ -160,18 +167,10 @@ class RunRecorder:
     ) -> None:
         for info in clients:
             # A client that trained spent budget whether or not its update was accepted.
-            if info.get("noise_multiplier") is not None:
-                self.ledger.add(
-                    LedgerEntry(
-                        client=str(info["cid"]),
-                        round=int(server_round),
-                        unit=str(info.get("privacy_unit", self.privacy_unit)),
-                        noise_multiplier=float(info["noise_multiplier"]),
-                        sample_rate=float(info["sample_rate"]),
-                        steps=int(info["steps"]),
-                        delta=float(info["delta"]),
-                    )
-                )
+            # Its reply carries its whole own record: rounds the ledger lacks (trained in a
+            # round the server did not finish) join it, so the ledger is the union.
+            if info.get(HISTORY_KEY):
+                self._merge_history(str(info["cid"]), json.loads(str(info.pop(HISTORY_KEY))), info)
             if info.get("epsilon") is not None:
                 self.client_epsilon[str(info["cid"])] = float(info["epsilon"])
         rec = self._round(server_round)
@@ -195,6 +194,27 @@ class RunRecorder:
         if qerr:
             # SecAgg+: the largest error its quantization put on any client's delta.
             rec["secagg_quantization_error"] = max(qerr)
+
+    def _merge_history(self, cid: str, history: list[list[float]], info: dict[str, Any]) -> None:
+        """Add the entries of a client's own record that the ledger lacks (by round, and by
+        occurrence within a round, should a round ever have been trained twice)."""
+        known = Counter(e.round for e in self.ledger.entries if e.client == cid)
+        for sigma, q, steps, rnd in history:
+            if known[int(rnd)] > 0:
+                known[int(rnd)] -= 1
+            else:
+                self.ledger.add(
+                    LedgerEntry(
+                        client=cid,
+                        round=int(rnd),
+                        unit=str(info.get("privacy_unit", self.privacy_unit)),
+                        noise_multiplier=float(sigma),
+                        sample_rate=float(q),
+                        steps=int(steps),
+                        delta=float(info["delta"]),
+                    )
+                )
+        self.ledger.entries.sort(key=lambda e: e.round)
 
     def on_evaluate(self, server_round: int, loss: float, metrics: dict[str, Any]) -> None:
         rec = self._round(server_round)
@@ -248,7 +268,7 @@ class RunRecorder:
             "epsilon": self.epsilon(),
             "delta": self.delta if self.privacy_unit != "none" else None,
             "privacy_unit": self.privacy_unit,
-            "rounds_completed": max((r for r in self.rounds if "clients" in self.rounds[r]), default=0),
+            "rounds_completed": self.rounds_completed(),
             "wall_s": round(time.time() - self.start, 3),
             "client_epsilon": dict(sorted(self.client_epsilon.items())),
             "epsilon_by_accountant": self.epsilon_by_accountant(),
@@ -259,6 +279,22 @@ class RunRecorder:
         self._notify("on_finish", self.final)
         return self.final
 
+    def rounds_completed(self) -> int:
+        return max((r for r in self.rounds if "clients" in self.rounds[r]), default=0)
+
+    def privacy_statement(self) -> dict[str, Any]:
+        """The guarantee the run's model was trained under, as the model card states it."""
+        return {
+            "unit": self.privacy_unit,
+            "unit_label": PRIVACY_UNIT_LABEL[self.privacy_unit],
+            "scope": EPSILON_SCOPE.get(self.privacy_unit, ""),
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "rounds_completed": self.rounds_completed(),
+            "noise": self.noise,
+        }
+
     def epsilon_by_accountant(self) -> dict[str, float | None]:
         """The federation's epsilon (max over clients) recomputed from the ledger."""
         if not self.ledger.entries:
@@ -268,6 +304,8 @@ class RunRecorder:
     def payload(self) -> dict[str, Any]:
         return {
             "config": self.config,
+            "experiment_id": self.experiment_id,
+            "noise": self.noise,
             "rounds": [self.rounds[r] for r in sorted(self.rounds)],
             "final": self.final,
             "attack": self.attack,

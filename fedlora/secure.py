@@ -13,6 +13,7 @@ long as #clients * quantization_range <= modulus_range.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +48,17 @@ def secure_enabled(cfg: Any) -> bool:
 
 
 def secure_clipping_norm(cfg: Any) -> float:
+    """The L2 norm every client clips its delta to before masking (= the quantizer's
+    range). Under client-level DP it never exceeds ``privacy.clipping_norm``: the
+    server's noise is calibrated for that sensitivity, and SecAgg+ hands the server only
+    the sum, where a single client's contribution can no longer be clipped (a larger
+    ``secure.clipping_norm`` is refused by :func:`check_secure`)."""
     s = cfg.secure
+    if cfg.privacy.unit == "client":
+        privacy_norm = float(cfg.privacy.clipping_norm)
+        return privacy_norm if s.get("clipping_norm") is None else min(float(s.clipping_norm), privacy_norm)
     if s.get("clipping_norm") is not None:
         return float(s.clipping_norm)
-    if cfg.privacy.unit == "client":
-        return float(cfg.privacy.clipping_norm)
     if cfg.strategy.get("norm_bound") is not None:
         return float(cfg.strategy.norm_bound)
     return float(s.default_clipping_norm)
@@ -104,6 +111,16 @@ def check_secure(cfg: Any, clients_per_round: int, robust: bool) -> None:
             f"{shares} shares need at least {shares} clients per round, but {clients_per_round} are "
             "sampled; sample more clients or lower secure.num_shares",
         )
+    if cfg.privacy.unit == "client" and s.get("clipping_norm") is not None and (
+        float(s.clipping_norm) > float(cfg.privacy.clipping_norm)
+    ):
+        raise ConfigError(
+            "secure.clipping_norm",
+            f"{float(s.clipping_norm):g} exceeds privacy.clipping_norm={float(cfg.privacy.clipping_norm):g}: under "
+            "client-level DP the server's noise covers one client's contribution only up to "
+            "privacy.clipping_norm, and under SecAgg+ the server cannot clip inside the masked sum; leave "
+            "secure.clipping_norm unset (it then equals privacy.clipping_norm) or set it lower",
+        )
     if not secure_clipping_norm(cfg) > 0:
         raise ConfigError("secure.clipping_norm", f"must be > 0, got {secure_clipping_norm(cfg)}")
     q, mod = int(s.quantization_range), int(s.modulus_range)
@@ -124,6 +141,29 @@ def clip_l2(delta: list[np.ndarray], max_norm: float) -> tuple[list[np.ndarray],
         return delta, False
     scale = max_norm / norm
     return [(d * scale).astype(d.dtype) for d in delta], True
+
+
+def prepare_update(
+    delta: list[np.ndarray], num_examples: int, settings: SecAggSettings
+) -> tuple[list[np.ndarray], bool, float]:
+    """A delta ready for masking: (clipped delta, whether it was clipped, quantization error).
+
+    Stochastic rounding moves each coordinate by less than one quantization step, i.e.
+    the dequantized vector lies within ``step * sqrt(d)`` of the clipped one in L2. The
+    delta is clipped to ``clipping_norm - step * sqrt(d)`` so that what reaches the sum
+    has norm at most ``clipping_norm``: the sensitivity the server's noise covers under
+    client-level DP holds after quantization, not only before it.
+    """
+    d = sum(int(np.asarray(a).size) for a in delta)
+    bound = settings.clipping_norm - settings.quantization_step * math.sqrt(d)
+    if not bound > 0:
+        raise ConfigError(
+            "secure.quantization_range",
+            f"{settings.quantization_range} levels are too coarse for {d} coordinates at clipping norm "
+            f"{settings.clipping_norm:g}; raise secure.quantization_range",
+        )
+    delta, clipped = clip_l2(delta, bound)
+    return delta, clipped, quantization_error(delta, num_examples, settings)
 
 
 def quantization_error(delta: list[np.ndarray], num_examples: int, settings: SecAggSettings) -> float:

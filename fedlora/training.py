@@ -92,11 +92,35 @@ def clip_batch_gradient(params, max_norm: float | None) -> None:
         torch.nn.utils.clip_grad_norm_(list(params), float(max_norm))
 
 
+@dataclass(frozen=True)
+class DPGenerators:
+    """The secret randomness of one client's DP-SGD round (see fedlora.privacy.randomness):
+    the Gaussian noise and the Poisson sampling masks, independent streams."""
+
+    noise: torch.Generator
+    sampling: torch.Generator
+
+
+def noise_only_step(optimizer: DPOptimizer) -> None:
+    """The DP-SGD step of an empty Poisson batch: pure noise.
+
+    The subsampled Gaussian that the accountant composes releases noise at every step,
+    whatever the batch holds; skipping the step would release fewer noise draws than
+    accounted. Opacus clips and sums zero per-example gradients to zero, adds the
+    noise and steps.
+    """
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, clip: float | None = None
 ) -> tuple[float, int]:
     input_ids, mask, labels = batch
-    if len(labels) == 0:
+    if len(labels) == 0:  # only a Poisson (DP) batch can be empty
+        noise_only_step(optimizer)
         return 0.0, 0
     input_ids, mask = _trim(input_ids, mask)
     out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
@@ -113,8 +137,6 @@ def _run_steps(model, optimizer, loader, steps: int, clip: float | None = None) 
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
         for batch in loader:
-            # An empty Poisson batch is still a step: the accountant counts it, which
-            # can only over-state epsilon, never under-state it.
             loss, n = _step(model, optimizer, batch, clip)
             loss_sum, seen, done = loss_sum + loss, seen + n, done + 1
             if done >= steps:
@@ -133,17 +155,29 @@ def train_plain(
 
 
 def _dp_parts(
-    optimizer: torch.optim.Optimizer, data: TensorDataset, plan: DPPlan, generator: torch.Generator
+    optimizer: torch.optim.Optimizer,
+    data: TensorDataset,
+    plan: DPPlan,
+    generators: DPGenerators,
+    secure_mode: bool = True,
 ) -> tuple[DPOptimizer, DPDataLoader]:
-    """Opacus's DP optimizer (clip, noise, average) and Poisson-sampling loader for ``plan``."""
+    """Opacus's DP optimizer (clip, noise, average) and Poisson-sampling loader for ``plan``.
+
+    The noise comes from ``generators.noise`` (never torch's global generator, which the
+    experiment seed sets) with ``secure_mode=True``: each draw is a sum of Gaussians,
+    robust to the floating-point attack on the Gaussian sampler (Jin et al. 2021,
+    https://arxiv.org/abs/2107.10138). Measured cost: benchmarks/results/secure_noise.json.
+    """
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         expected_batch_size=max(1, round(plan.sample_rate * len(data))),
         loss_reduction="mean",
+        generator=generators.noise,
+        secure_mode=secure_mode,  # False only to measure what it costs (benchmarks/secure_noise.py)
     )
-    return dp_optimizer, DPDataLoader(data, sample_rate=plan.sample_rate, generator=generator)
+    return dp_optimizer, DPDataLoader(data, sample_rate=plan.sample_rate, generator=generators.sampling)
 
 
 def train_dp(
@@ -152,10 +186,15 @@ def train_dp(
     train_cfg: Any,
     plan: DPPlan,
     steps: int,
-    generator: torch.Generator,
+    generators: DPGenerators,
 ) -> TrainStats:
-    """``steps`` DP-SGD steps with Poisson sampling at ``plan.sample_rate``."""
-    optimizer, loader = _dp_parts(make_optimizer(gsm._module, train_cfg), data, plan, generator)
+    """``steps`` DP-SGD steps with Poisson sampling at ``plan.sample_rate``; every one
+    releases noise, an empty batch included."""
+    optimizer, loader = _dp_parts(make_optimizer(gsm._module, train_cfg), data, plan, generators)
+    # Opacus's hooks stay on the per-process model and also fire in plain passes, where
+    # nothing clears them: per-sample gradients left over from another pass must not
+    # join the first clipped sum.
+    optimizer.zero_grad(set_to_none=True)
     try:
         return _run_steps(gsm, optimizer, loader, steps)
     finally:
@@ -199,6 +238,7 @@ def train_probe(
     plan: DPPlan | None,
     steps: int,
     generator: torch.Generator,
+    dp_generators: DPGenerators | None = None,
 ) -> TrainStats:
     """Linear probing: (DP-)SGD on the linear head alone over fixed features.
 
@@ -213,6 +253,9 @@ def train_probe(
     closed form, ``(p - y) x^T`` and ``p - y``; they are handed to Opacus's DPOptimizer
     as ``grad_sample`` (clipping and noise are Opacus's). A second GradSampleModule on
     the head would collide with the model-wide one that wraps the same parameters.
+
+    ``generator`` shuffles the plain (non-DP) batches; under DP ``dp_generators`` give
+    the secret noise and Poisson masks, and an empty batch still releases noise.
     """
     lr = train_cfg.head_lr if train_cfg.head_lr is not None else train_cfg.lr
     optimizer = torch.optim.SGD(head.parameters(), lr=float(lr), momentum=float(train_cfg.momentum))
@@ -221,13 +264,17 @@ def train_probe(
         loader = DataLoader(data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True,
                             generator=generator)
     else:
-        optimizer, loader = _dp_parts(optimizer, data, plan, generator)
+        if dp_generators is None:
+            raise ValueError("DP probing needs secret generators (dp_generators)")
+        optimizer, loader = _dp_parts(optimizer, data, plan, dp_generators)
     done, loss_sum, seen = 0, 0.0, 0
     try:
         while done < steps:
             for x, y in loader:
-                done += 1  # an empty Poisson batch still counts (see _run_steps)
-                if len(y):
+                done += 1
+                if not len(y):
+                    noise_only_step(optimizer)  # only a Poisson (DP) batch can be empty
+                else:
                     with torch.no_grad():
                         logits = head(x)
                         probs = logits.softmax(dim=-1)

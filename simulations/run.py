@@ -30,6 +30,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from fedlora.checkpoint import run_config  # noqa: E402
+from fedlora.client_state import CLIENT_STATE_DIR  # noqa: E402
 from fedlora.config import plain_config  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.results import epsilon_text  # noqa: E402
@@ -103,7 +104,9 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
         )
     )
     server_app = make_server_app(cfg, run_dir, echo=_echo, resume=resume)
-    client_app = make_client_app(cfg)
+    # Simulated clients keep their own spend records in the run dir (in deployment: on
+    # each node's own disk).
+    client_app = make_client_app(cfg, state_dir=run_dir / CLIENT_STATE_DIR)
     res = fed.client_resources
     run_simulation(
         server_app=server_app,

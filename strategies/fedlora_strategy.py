@@ -13,6 +13,7 @@ SecAgg+ workflow runs only there (see design.md).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -27,6 +28,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     Parameters,
     Scalar,
     log,
@@ -39,9 +41,11 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import Strategy
 
 from fedlora.privacy.calibration import ClientDPPlan
+from fedlora.privacy.randomness import SERVER_NOISE, SERVER_SAMPLING, NoiseSource
 from strategies.aggregators import get_aggregator, label_rows, norm_bound
 from strategies.client_dp import gaussian_fedavg, poisson_sample
 from fedlora.checkpoint import Checkpoint
+from fedlora.client_state import EXPERIMENT_KEY, HISTORY_KEY
 from fedlora.lora import flatten, unflatten
 from strategies.validation import validate_update
 
@@ -108,8 +112,18 @@ class FedLoRAStrategy(Strategy):
         Client-level DP (DP-FedAvg): Poisson sampling of clients at the plan's rate,
         clipping, and Gaussian noise on the sum replace sampling and the aggregator
         (see :mod:`strategies.client_dp`).
-    noise_seed : int, optional
-        Seed of the server's DP noise; None draws it from the OS.
+    noise : NoiseSource, optional
+        Where the randomness of client sampling and DP noise comes from: fresh OS
+        entropy every round (default), or derived from ``privacy.noise_seed`` (not
+        private). No generator outlives its round, so no state can leak through a
+        checkpoint.
+    experiment_id : str, optional
+        The experiment's id, sent with every fit instruction: clients keep their own
+        spend record under it, across server restarts.
+    on_round_start : callable, optional
+        Called as ``on_round_start(server_round, strategy)`` before clients are asked to
+        train (the server app marks the round as started in its checkpoint: a resume
+        never runs a started round again, whose clients may have spent budget).
     on_round_end : callable, optional
         Called as ``on_round_end(server_round, strategy)`` after every aggregation
         (the server app writes its checkpoint there).
@@ -135,7 +149,9 @@ class FedLoRAStrategy(Strategy):
         evaluate_fn: EvaluateFn | None = None,
         recorder: Any = None,
         client_dp: ClientDPPlan | None = None,
-        noise_seed: int | None = None,
+        noise: NoiseSource | None = None,
+        experiment_id: str = "",
+        on_round_start: Callable[[int, "FedLoRAStrategy"], None] | None = None,
         on_round_end: Callable[[int, "FedLoRAStrategy"], None] | None = None,
         min_fit_results: int | None = None,
     ) -> None:
@@ -161,15 +177,26 @@ class FedLoRAStrategy(Strategy):
         self.evaluate_fn = evaluate_fn
         self.recorder = recorder
         self.client_dp = client_dp
+        self.on_round_start = on_round_start
         self.on_round_end = on_round_end
         self.min_fit_results = None if min_fit_results is None else int(min_fit_results)
         # After a resume Flower counts rounds from 1 again; ours continue from the checkpoint.
         self.round_offset = 0
-        # Sample-level DP histories per client id, sent back to clients after a resume so
-        # their accountants continue (a restarted client has lost its own state).
-        self.client_histories: dict[str, list[list[float]]] = {}
-        # Server randomness: client sampling and DP noise (OS entropy unless seeded).
-        self.rng = np.random.default_rng(noise_seed)
+        # After a resume: each client's sample-level history as the ledger holds it, sent
+        # to that client alone with its first fit instruction (a client that lost its own
+        # record continues from it; one that kept it takes it only if it extends its own).
+        self.pending_histories: dict[str, list[list[float]]] = {}
+        # Flower node id -> client id, learned from replies (or asked, after a resume).
+        self.node_clients: dict[str, str] = {}
+        self.noise = noise or NoiseSource()
+        self.experiment_id = str(experiment_id)
+        # The last round whose fit was started, and the last one that ended (released its
+        # aggregate); a SecAgg+ round can halt in between (see server_app).
+        self.started_round = 0
+        self.completed_round = 0
+        # The instructions of the started round, for a replay of the same draw.
+        self._instructions: list[tuple[ClientProxy, FitIns]] = []
+        self._replaying = False
         # Clients that declined because another round would exceed their privacy budget.
         self.exhausted: set[str] = set()
         # Payload bytes of the global adapter in this round's fit instructions.
@@ -209,15 +236,31 @@ class FedLoRAStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         server_round += self.round_offset
+        if self._replaying:
+            return self._instructions
+        self.started_round = server_round
+        if self.on_round_start is not None:
+            self.on_round_start(server_round, self)
+        self._instructions = self._configure_fit(server_round, client_manager)
+        return self._instructions
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """``configure_fit`` returns the started round's instructions again (same draw)."""
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+
+    def _configure_fit(self, server_round: int, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         # The strategy's own global adapter is canonical: a client-level DP round in
         # which nobody was sampled still moves it (by noise), which Flower never sees.
-        config: dict[str, Scalar] = {"server_round": server_round}
-        if self.client_histories:
-            config["dp_histories"] = json.dumps(self.client_histories)
+        config: dict[str, Scalar] = {"server_round": server_round, EXPERIMENT_KEY: self.experiment_id}
         ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
         self.bytes_down_per_client = payload_bytes(ins.parameters)
         if self.client_dp is not None:
-            return self._configure_poisson(server_round, client_manager, ins)
+            return self._with_histories(server_round, self._configure_poisson(server_round, client_manager, ins))
         # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
         client_manager.wait_for(self.min_available_clients)
         eligible = client_manager.num_available() - len(self.exhausted)
@@ -231,14 +274,35 @@ class FedLoRAStrategy(Strategy):
         )
         self._notify("on_sample", server_round, [c.cid for c in clients], method="uniform without replacement",
                      fraction_fit=self.fraction_fit, eligible=eligible, excluded_out_of_budget=sorted(self.exhausted))
-        return [(c, ins) for c in clients]
+        return self._with_histories(server_round, [(c, ins) for c in clients])
+
+    def _with_histories(
+        self, server_round: int, instructions: list[tuple[ClientProxy, FitIns]]
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """After a resume, each sampled client's own ledger history in its own instruction
+        (never another client's). The node's client id is asked once (get_properties)."""
+        if not self.pending_histories:
+            return instructions
+        out = []
+        for proxy, ins in instructions:
+            cid = self.node_clients.get(proxy.cid)
+            if cid is None:
+                res = proxy.get_properties(GetPropertiesIns({}), timeout=None, group_id=server_round)
+                cid = str(res.properties.get("partition_id", ""))
+                self.node_clients[proxy.cid] = cid
+            history = self.pending_histories.get(cid)
+            if history:
+                ins = FitIns(ins.parameters, {**ins.config, HISTORY_KEY: json.dumps(history)})
+            out.append((proxy, ins))
+        return out
 
     def _configure_poisson(
         self, server_round: int, client_manager: ClientManager, ins: FitIns
     ) -> list[tuple[ClientProxy, FitIns]]:
         client_manager.wait_for(self.min_available_clients)
         pool = client_manager.all()
-        chosen = poisson_sample(sorted(pool), self.client_dp.sample_rate, self.rng)
+        chosen = poisson_sample(sorted(pool), self.client_dp.sample_rate,
+                                self.noise.numpy_generator(SERVER_SAMPLING, server_round))
         # Poisson sampling is what the client-level accountant assumes: record it as such.
         self._notify("on_sample", server_round, list(chosen), method="poisson",
                      sample_rate=self.client_dp.sample_rate, eligible=len(pool))
@@ -273,6 +337,9 @@ class FedLoRAStrategy(Strategy):
         for proxy, res in results:
             info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics, "node_id": proxy.cid,
                     "bytes_up": payload_bytes(res.parameters), "bytes_down": self.bytes_down_per_client}
+            self.node_clients[proxy.cid] = str(info["cid"])
+            # A client that replied holds its history; it needs none from us again.
+            self.pending_histories.pop(str(info["cid"]), None)
             if res.metrics.get("declined"):
                 self.exhausted.add(proxy.cid)
                 info["accepted"] = False
@@ -393,7 +460,8 @@ class FedLoRAStrategy(Strategy):
         """One release of the client-level Gaussian mechanism, even with no update."""
         plan = self.client_dp
         start = time.perf_counter()
-        release = gaussian_fedavg(updates, plan.clipping_norm, plan.noise_multiplier, plan.expected_clients, self.rng)
+        release = gaussian_fedavg(updates, plan.clipping_norm, plan.noise_multiplier, plan.expected_clients,
+                                  self.noise.numpy_generator(SERVER_NOISE, server_round))
         agg_seconds = time.perf_counter() - start
         new_params = self._step(release.aggregate)
         log(INFO, "round %s: client-level DP-FedAvg over %s clients (%s clipped), noise std on the mean %.3g",
@@ -413,22 +481,32 @@ class FedLoRAStrategy(Strategy):
         return new_params, metrics
 
     # -- state -------------------------------------------------------------------
+    def release_noise_only(self, server_round: int) -> None:
+        """A client-level DP round whose fit could not run (e.g. SecAgg+ halted): the
+        mechanism still releases its noise and the round is in the ledger."""
+        self._aggregate_client_dp(server_round, self._stack([]), [], [])
+
     def _end_round(self, server_round: int) -> None:
+        self.completed_round = server_round
         if self.on_round_end is not None:
             self.on_round_end(server_round, self)
 
     def checkpoint(self, server_round: int) -> Checkpoint:
         """Everything needed to continue after ``server_round`` (see :mod:`fedlora.checkpoint`)."""
-        state = {"exhausted": sorted(self.exhausted), "rng": self.rng.bit_generator.state}
+        # No generator state: every round draws fresh randomness (see NoiseSource).
+        state = {"exhausted": sorted(self.exhausted), "experiment_id": self.experiment_id,
+                 "started_round": max(self.started_round, server_round)}
         arrays = {} if self.reference is None else {"reference": self.reference}
         return Checkpoint(round=server_round, global_arrays=list(self.global_arrays), state=state, arrays=arrays)
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in ckpt.global_arrays]
-        self.round_offset = int(ckpt.round)
+        # A round that was started may have been trained and spent: it is never run again.
+        self.round_offset = max(int(ckpt.round), int(ckpt.state.get("started_round", 0)))
+        self.started_round = self.round_offset
+        self.completed_round = int(ckpt.round)
         self.exhausted = set(ckpt.state.get("exhausted", []))
-        if "rng" in ckpt.state:
-            self.rng.bit_generator.state = ckpt.state["rng"]
+        self.experiment_id = str(ckpt.state.get("experiment_id") or self.experiment_id)
         self.reference = ckpt.arrays.get("reference")
 
     def aggregate_evaluate(

@@ -8,7 +8,8 @@ every round, records the run, and saves the final adapter in PEFT format.
 from __future__ import annotations
 
 import json
-from logging import ERROR
+import uuid
+from logging import ERROR, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
@@ -27,6 +29,8 @@ from fedlora.client import max_client_examples
 from fedlora.config import OVERRIDES_FILE, compose_overrides, plain_config
 from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
+from fedlora.model_card import write_privacy_section
+from fedlora.privacy.randomness import NoiseSource
 from fedlora.plots import RunPlots
 from fedlora.privacy.calibration import client_level_plan
 from fedlora.privacy.ledger import PrivacyLedger
@@ -50,15 +54,40 @@ def min_fit_results(cfg: Any) -> int | None:
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
-    """Checkpoint after every round; the privacy ledger travels with the adapter."""
+    """Checkpoint after every round, and when a round starts (the checkpoint then marks
+    it started: a resume never runs it again); the privacy ledger travels with the adapter."""
     ckpt = strategy.checkpoint(server_round)
     ckpt.state["privacy_ledger"] = recorder.ledger.to_dict()
     save_checkpoint(Path(run_dir) / CHECKPOINT, ckpt)
 
 
-def secagg_workflow(settings: SecAggSettings) -> SecAggPlusWorkflow:
+class ClientDPSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ under client-level DP: every round releases the mechanism.
+
+    Flower's SecAgg+ halts a round it cannot finish (fewer than two clients drawn, or
+    too few left to unmask) without calling ``aggregate_fit``. Under client-level DP the
+    round's Poisson draw must still be released as the subsampled Gaussian the ledger
+    composes. Releasing noise alone would not be that mechanism: whether the clients'
+    sum is included would then depend on how many clients were drawn, and adding one
+    client could move the release by the whole sum. So the same drawn clients are asked
+    again without masking (the server, which adds the noise, is trusted with single
+    updates under client-level DP) and the round is released as usual; the log says so.
+    """
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        super().__call__(grid, context)
+        strategy: FedLoRAStrategy = context.strategy
+        if strategy.completed_round < strategy.started_round:
+            log(WARNING, "round %s: SecAgg+ halted; collecting the drawn clients' clipped updates without "
+                "masking so the round still releases the client-level Gaussian mechanism", strategy.started_round)
+            with strategy.replaying():
+                default_fit_workflow(grid, context)
+
+
+def secagg_workflow(settings: SecAggSettings, client_dp: bool = False) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ fit workflow: the strategy then sees only the unmasked sum."""
-    return SecAggPlusWorkflow(
+    workflow = ClientDPSecAggPlusWorkflow if client_dp else SecAggPlusWorkflow
+    return workflow(
         num_shares=settings.num_shares,
         reconstruction_threshold=settings.reconstruction_threshold,
         max_weight=settings.max_weight,
@@ -83,6 +112,9 @@ def run_server(
         return loss, {"accuracy": acc}
 
     privacy = cfg.privacy
+    ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT) if resume else None
+    noise = NoiseSource.from_config(privacy)
+    experiment_id = str(ckpt.state.get("experiment_id", "")) if ckpt is not None else ""
     recorder = RunRecorder(
         run_dir,
         OmegaConf.to_container(cfg, resolve=True),
@@ -91,7 +123,11 @@ def run_server(
         num_rounds=int(cfg.federation.rounds),
         accountant=str(privacy.get("accountant", "rdp")),
         echo=echo,
+        noise=noise.describe() if privacy.unit != "none" else {"source": "none"},
+        experiment_id=experiment_id or uuid.uuid4().hex,
     )
+    if privacy.unit != "none" and not noise.private:
+        echo(f"WARNING: {noise.warning()}")
     # audit.jsonl (append-only, hash-chained) and the PNG plots, after every round.
     audit = AuditTrail(run_dir, recorder.config)
     recorder.listeners += [audit, RunPlots(run_dir)]
@@ -115,22 +151,30 @@ def run_server(
         evaluate_fn=evaluate_fn,
         recorder=recorder,
         client_dp=client_level_plan(cfg),
-        noise_seed=privacy.get("noise_seed"),
+        noise=noise,
+        experiment_id=recorder.experiment_id,
+        on_round_start=lambda server_round, strat: _save(run_dir, strat, recorder, strat.completed_round),
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
         min_fit_results=min_fit_results(cfg),
     )
     remaining = int(fed.rounds)
-    if resume:
-        ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    if ckpt is not None:
         strategy.restore(ckpt)
+        results_path = Path(run_dir) / "results.json"
         recorder.restore(
-            json.loads((Path(run_dir) / "results.json").read_text()),
+            json.loads(results_path.read_text()) if results_path.is_file() else {},
             PrivacyLedger.from_dict(ckpt.state.get("privacy_ledger", {})),
             ckpt.round,
         )
-        strategy.client_histories = recorder.ledger.client_histories("sample")
-        remaining = int(fed.rounds) - ckpt.round
-        echo(f"resuming after round {ckpt.round}: {remaining} round(s) left")
+        strategy.pending_histories = recorder.ledger.client_histories("sample")
+        remaining = int(fed.rounds) - strategy.round_offset
+        skipped = strategy.round_offset - ckpt.round
+        echo(f"resuming after round {ckpt.round}: {remaining} round(s) left"
+             + (f" (round {strategy.round_offset} had started, so its clients may have spent budget: it is "
+                "not run again)" if skipped else ""))
+    else:
+        # Round 0: a crash before the first round ends is resumable too.
+        _save(run_dir, strategy, recorder, 0)
     audit.start(recorder)
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
@@ -138,7 +182,7 @@ def run_server(
     fit_workflow = None
     if secure_enabled(cfg):
         max_examples = max_client_examples(cfg, task, int(fed.num_clients))
-        fit_workflow = secagg_workflow(secure_settings(cfg, max_examples))
+        fit_workflow = secagg_workflow(secure_settings(cfg, max_examples), client_dp=strategy.client_dp is not None)
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except RoundFailed as err:
@@ -150,6 +194,7 @@ def run_server(
     adapter_dir = Path(run_dir) / "adapter"
     bundle.model.save_pretrained(str(adapter_dir))
     (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
+    write_privacy_section(adapter_dir, recorder.privacy_statement())
     return recorder.finalize(
         num_clients=int(fed.num_clients),
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+import tempfile
 from omegaconf import OmegaConf
 
 from fedlora.attacks import alie_z, flip_labels, malicious_clients, poison_delta
@@ -64,9 +64,7 @@ _START = {}
 def _fit(cfg, pid, rnd=1):
     """One client's round from the same global adapter every time (the per-process
     model is shared and trained in place, so the start is read only once)."""
-    ctx = Context(run_id=1, node_id=pid, node_config={"partition-id": pid, "num-partitions": 2},
-                  state=RecordDict(), run_config={})
-    client = LoRAClient(cfg, pid, 2, ctx)
+    client = LoRAClient(cfg, pid, 2, tempfile.gettempdir())  # no DP here: no spend record
     params = _START.setdefault("params", client.get_parameters({}))
     delta, n, metrics = client.fit(params, {"server_round": rnd})
     return flatten(delta), metrics
@@ -94,11 +92,10 @@ def test_alie_colluders_send_the_same_crafted_update(tiny_cfg):
     np.testing.assert_allclose(a, stack.mean(0) - stack.std(0), rtol=1e-3, atol=1e-5)
 
 
-def test_label_flip_changes_the_training_data_only_for_malicious_clients(tiny_cfg):
+def test_label_flip_changes_the_training_data_only_for_malicious_clients(tiny_cfg, tmp_path):
     cfg = tiny_cfg("privacy=none", "attack=label_flip", "attack.clients=[1]")
-    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    bad = LoRAClient(cfg, 1, 2, ctx)
-    good = LoRAClient(tiny_cfg("privacy=none"), 1, 2, ctx)
+    bad = LoRAClient(cfg, 1, 2, tmp_path)
+    good = LoRAClient(tiny_cfg("privacy=none"), 1, 2, tmp_path)
     bundle = bad._bundle()
     y_bad = bad._data(bundle, "train").tensors[2]
     y_good = good._data(bundle, "train").tensors[2]

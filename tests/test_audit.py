@@ -10,6 +10,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fedlora.audit import AUDIT_FILE, GENESIS, AuditLog, AuditTrail, config_hash, verify_audit
 from fedlora.results import RunRecorder
+from fedlora.privacy.randomness import NoiseSource
 from strategies.fedlora_strategy import FedLoRAStrategy
 
 CONFIG = {
@@ -22,17 +23,20 @@ CONFIG = {
 }
 
 
-def _client(cid, node, accepted=True, **extra):
+def _client(cid, node, rnd, accepted=True, **extra):
+    # A reply carries the client's whole own history; it trained in every round so far.
+    history = json.dumps([[1.2, 0.2, 5, r] for r in range(1, rnd + 1)])
     return {"cid": cid, "node_id": node, "accepted": accepted, "noise_multiplier": 1.2, "sample_rate": 0.2,
-            "steps": 5, "delta": 1e-5, "epsilon": 0.5, "budget_epsilon": 3.0 if cid == 2 else 8.0, **extra}
+            "steps": 5, "delta": 1e-5, "epsilon": 0.5, "budget_epsilon": 3.0 if cid == 2 else 8.0,
+            "dp_history": history, **extra}
 
 
 def _round(rec, rnd, accuracy):
     rec.on_sample(rnd, ["101", "102", "103", "999"], method="uniform without replacement", fraction_fit=1.0)
     rec.on_aggregation(rnd, {"rule": "krum", "params": {"num_malicious": 0}, "updates": [0, 1],
                              "decisions": {"selected": [1], "scores": {"0": 2.0, "1": 1.0}}})
-    clients = [_client(0, "101"), _client(1, "102"),
-               _client(2, "103", accepted=False, reason="update has NaN")]
+    clients = [_client(0, "101", rnd), _client(1, "102", rnd),
+               _client(2, "103", rnd, accepted=False, reason="update has NaN")]
     rejected = [clients[2], {"cid": None, "node_id": "999", "accepted": False, "reason": "client crashed"}]
     rec.on_fit(rnd, clients, rejected, 0.01)
     rec.on_evaluate(rnd, 0.5, {"accuracy": accuracy})
@@ -178,7 +182,7 @@ def test_client_level_dp_round_records_poisson_sampling_and_every_client_epsilon
     rec.listeners.append(trail)
     trail.start(rec)
     strategy = FedLoRAStrategy(initial_arrays=[np.zeros(6, np.float32)], recorder=rec, client_dp=plan,
-                               noise_seed=0, min_available_clients=2)
+                               noise=NoiseSource(0), min_available_clients=2)
     manager = SimpleClientManager()
     for node in range(101, 111):
         manager.register(GridClientProxy(node, None, 0))

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -49,21 +48,19 @@ def test_each_client_is_calibrated_for_its_own_budget(tiny_cfg):
     assert pre.plans[1].planned_epsilon <= 2.0
 
 
-def test_client_declines_once_its_budget_would_be_exceeded(tiny_cfg):
+def test_client_declines_once_its_budget_would_be_exceeded(tiny_cfg, tmp_path):
     cfg = tiny_cfg("+privacy.budgets.overrides.0=3.0")
-    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
-                  state=RecordDict(), run_config={})
-    params = LoRAClient(cfg, 0, 2, ctx).get_parameters({})
+    params = LoRAClient(cfg, 0, 2, tmp_path).get_parameters({})
     steps = []
     for rnd in range(1, cfg.federation.rounds + 3):  # two rounds past the plan
-        _, n, m = LoRAClient(cfg, 0, 2, ctx).fit(params, {"server_round": rnd})
+        _, n, m = LoRAClient(cfg, 0, 2, tmp_path).fit(params, {"server_round": rnd, "experiment_id": "e"})
         steps.append(m["steps"])
         if rnd <= cfg.federation.rounds:
             assert n > 0 and not m.get("declined")
         else:
             assert n == 0 and m["declined"] and "budget" in m["reason"]
         assert m["epsilon"] <= 3.0
-    hist = LoRAClient(cfg, 0, 2, ctx).history()
+    hist = LoRAClient(cfg, 0, 2, tmp_path).spend_log({"experiment_id": "e"}).history()
     assert len(hist) == cfg.federation.rounds  # no steps after the budget ran out
     assert steps[cfg.federation.rounds:] == [0, 0]
 

@@ -9,24 +9,18 @@ from fedlora.runtime import get_bundle
 from fedlora.lora import get_arrays
 
 
-def _context(pid: int) -> Context:
-    return Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid, "num-partitions": 2},
-                   state=RecordDict(), run_config={})
-
-
-def test_client_accountant_persists_across_rounds(tiny_cfg):
+def test_client_accountant_persists_across_rounds(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
-    ctx = _context(0)
     task = load_task_data_cached(cfg.data, cfg.seed)
     bundle = get_bundle(cfg, task.num_labels)
     global_arrays = get_arrays(bundle.model, bundle.names)
     reference = RDPAccountant()
     epsilons = []
     for rnd in (1, 2, 3):
-        # A fresh client object each round, as Flower builds one per message: only
-        # context.state carries the accountant.
-        client = LoRAClient(cfg, 0, 2, ctx)
-        delta, n, metrics = client.fit(global_arrays, {"server_round": rnd})
+        # A fresh client object each round, as Flower builds one per message: only its
+        # spend record on disk carries the accountant.
+        client = LoRAClient(cfg, 0, 2, tmp_path)
+        delta, n, metrics = client.fit(global_arrays, {"server_round": rnd, "experiment_id": "e1"})
         assert n == len(client.train_idx)
         assert metrics["steps"] == cfg.train.local_steps
         for _ in range(metrics["steps"]):
@@ -40,9 +34,9 @@ def test_client_accountant_persists_across_rounds(tiny_cfg):
     assert epsilons[0] < epsilons[1] < epsilons[2] <= cfg.privacy.target_epsilon + 1e-9
 
 
-def test_client_without_dp_reports_no_epsilon(tiny_cfg):
+def test_client_without_dp_reports_no_epsilon(tiny_cfg, tmp_path):
     cfg = tiny_cfg("privacy=none")
-    client = LoRAClient(cfg, 1, 2, _context(1))
+    client = LoRAClient(cfg, 1, 2, tmp_path)
     params = client.get_parameters({})
     delta, n, metrics = client.fit(params, {"server_round": 1})
     assert "epsilon" not in metrics
@@ -53,10 +47,10 @@ def test_client_without_dp_reports_no_epsilon(tiny_cfg):
     assert 0.0 <= m["accuracy"] <= 1.0 and np.isfinite(loss)
 
 
-def test_clients_hold_disjoint_shards(tiny_cfg):
+def test_clients_hold_disjoint_shards(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
-    a = LoRAClient(cfg, 0, 2, _context(0))
-    b = LoRAClient(cfg, 1, 2, _context(1))
+    a = LoRAClient(cfg, 0, 2, tmp_path)
+    b = LoRAClient(cfg, 1, 2, tmp_path)
     rows = [set(a.train_idx), set(a.val_idx), set(b.train_idx), set(b.val_idx)]
     assert sum(len(r) for r in rows) == cfg.data.max_train_samples
     assert len(set().union(*rows)) == cfg.data.max_train_samples
@@ -75,7 +69,8 @@ def test_client_trains_on_its_own_data_path(tiny_cfg, tmp_path):
     # The configured columns (finefood: review, score) and its class names.
     path.write_text(f"{cfg.data.text_column},{cfg.data.label_column}\n" + "".join(
         f"\"{t.replace(chr(34), '')}\",{names[y]}\n" for t, y in zip(rows["text"], rows["label"])))
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "data-path": str(path)},
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "data-path": str(path),
+                                                    "state-dir": str(tmp_path / "state")},
                   state=RecordDict(), run_config={})
     client = make_client_fn(cfg)(ctx).numpy_client
     assert len(client.train_idx) + len(client.val_idx) == 30

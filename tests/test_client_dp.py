@@ -14,6 +14,7 @@ from fedlora.privacy.calibration import plan_client_dp
 from fedlora.privacy.ledger import EVERY_CLIENT
 from fedlora.results import RunRecorder
 from strategies.client_dp import gaussian_fedavg, poisson_sample
+from fedlora.privacy.randomness import NoiseSource
 from strategies.fedlora_strategy import FedLoRAStrategy
 
 PRIV = OmegaConf.create(
@@ -89,7 +90,7 @@ def test_strategy_runs_the_mechanism_and_the_ledger_recomputes_epsilon(tmp_path)
     plan = plan_client_dp(PRIV, 100, 0.5, 3)
     ref = [np.zeros(8, np.float32)]
     rec = RunRecorder(tmp_path, {}, privacy_unit="client", delta=plan.delta, num_rounds=3)
-    strategy = FedLoRAStrategy(initial_arrays=ref, recorder=rec, client_dp=plan, noise_seed=0,
+    strategy = FedLoRAStrategy(initial_arrays=ref, recorder=rec, client_dp=plan, noise=NoiseSource(0),
                                min_available_clients=2)
     manager = SimpleClientManager()
     proxies = {str(i): GridClientProxy(i, None, 0) for i in range(1, 11)}
@@ -128,3 +129,39 @@ def test_empty_poisson_sample_still_moves_the_model_by_noise(tmp_path):
     assert strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_arrays), manager) == []
     assert np.any(strategy.global_arrays[0] != 0)
     assert len(rec.ledger.entries) == 1
+
+
+def _client_dp_rounds(strategy, manager, rounds):
+    for rnd in rounds:
+        sampled = strategy.configure_fit(rnd, ndarrays_to_parameters(strategy.global_arrays), manager)
+        results = [(proxy, _fit([np.full(8, 0.1, np.float32)], proxy.cid)) for proxy, _ in sampled]
+        strategy.aggregate_fit(rnd, results, [])
+    return strategy.global_arrays[0].copy()
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_a_resumed_run_draws_fresh_noise_unless_a_noise_seed_is_set(seed):
+    """No generator state survives a checkpoint: after a resume the noise is fresh OS
+    entropy, so it differs from what the uninterrupted run drew; only the (not private)
+    noise_seed switch makes the two agree."""
+    plan = plan_client_dp(PRIV, 100, 1.0, 2)
+    manager = SimpleClientManager()
+    for i in range(1, 5):
+        manager.register(GridClientProxy(i, None, 0))
+
+    def strategy():
+        return FedLoRAStrategy(initial_arrays=[np.zeros(8, np.float32)], client_dp=plan, noise=NoiseSource(seed),
+                               min_available_clients=4)
+
+    whole = strategy()
+    _client_dp_rounds(whole, manager, [1])
+    ckpt = whole.checkpoint(1)
+    assert not any("rng" in k or "generator" in k for k in ckpt.state)
+    uninterrupted = _client_dp_rounds(whole, manager, [2])
+    resumed = strategy()
+    resumed.restore(ckpt)
+    after_resume = _client_dp_rounds(resumed, manager, [1])  # Flower counts from 1 again
+    if seed is None:
+        assert np.abs(after_resume - uninterrupted).min() > 0
+    else:
+        np.testing.assert_array_equal(after_resume, uninterrupted)

@@ -107,6 +107,18 @@ def test_mounts_match_the_paths_commands_use(compose):
     assert set(compose["volumes"]) >= {"credentials", "flwr-home"}
 
 
+def test_each_supernode_keeps_its_spend_record_on_a_volume_of_its_own(compose):
+    services = compose["services"]
+    volumes = []
+    for name in sorted(n for n in services if n.startswith("supernode-")):
+        args, _ = _deploy_args(_argv(services[name]))
+        assert args.state_dir, name
+        volume = _mounts(services[name]).get(args.state_dir)
+        assert volume in compose["volumes"], (name, volume)  # a named volume: survives the container
+        volumes.append(volume)
+    assert len(volumes) == 3 and len(set(volumes)) == 3
+
+
 def test_startup_order(compose):
     services = compose["services"]
     assert services["superlink"]["depends_on"]["credentials"]["condition"] == "service_completed_successfully"

@@ -271,7 +271,9 @@ def test_killed_server_resumes_with_epsilon_continuing(federation, tmp_path):
     federation.ensure_nodes(3, 3)
     proc = federation.flwr_run(overrides, run_dir, log_name="killed")
     deadline = time.monotonic() + 300
-    while not (run_dir / CHECKPOINT).is_file() and time.monotonic() < deadline:
+    # The checkpoint exists from round 0 on; wait for the first completed round.
+    while not ((run_dir / CHECKPOINT).is_file() and load_checkpoint(run_dir / CHECKPOINT).round >= 1) \
+            and time.monotonic() < deadline:
         assert proc.poll() is None, federation.log("killed")[-3000:]
         time.sleep(0.2)
     server = _serverapp(federation)

@@ -1,5 +1,6 @@
 """Run plots from a synthetic recorder: valid PNGs of sensible size, the right grid states."""
 
+import json
 import struct
 
 from fedlora.plots import EPSILON_PNG, METRICS_PNG, PARTICIPATION_PNG, STATES, RunPlots, participation_grid
@@ -16,9 +17,11 @@ def _png_size(path):
     return len(data), width, height
 
 
-def _client(cid, **extra):
+def _client(cid, rnd, **extra):
+    # The reply carries the client's own history: it trained in every round so far.
     return {"cid": cid, "node_id": str(100 + cid), "accepted": True, "noise_multiplier": 1.0,
-            "sample_rate": 0.2, "steps": 10, "delta": 1e-5, "epsilon": 1.0, **extra}
+            "sample_rate": 0.2, "steps": 10, "delta": 1e-5, "epsilon": 1.0,
+            "dp_history": json.dumps([[1.0, 0.2, 10, r] for r in range(1, rnd + 1)]), **extra}
 
 
 def _recorder(tmp_path, privacy=PRIVACY, unit="sample"):
@@ -33,9 +36,9 @@ def _rounds(rec):
     rec.on_evaluate(0, 0.69, {"accuracy": 0.5})
     for rnd in (1, 2, 3):
         rec.on_sample(rnd, ["100", "101", "102", "103"] if rnd < 3 else ["100", "101", "103"])
-        clients = [_client(0), _client(1), _client(3, attack="sign_flip")]
+        clients = [_client(0, rnd), _client(1, rnd), _client(3, rnd, attack="sign_flip")]
         if rnd < 3:
-            clients.append(_client(2, accepted=False, reason="NaN") if rnd == 1 else
+            clients.append(_client(2, rnd, accepted=False, reason="NaN") if rnd == 1 else
                            {"cid": 2, "node_id": "102", "accepted": False, "declined": True, "steps": 0})
         rec.on_aggregation(rnd, {"rule": "multi_krum", "decisions": {"selected": [0, 1]}})
         rec.on_fit(rnd, clients, [], 0.0)

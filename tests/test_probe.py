@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from omegaconf import OmegaConf
 from opacus.accountants import RDPAccountant
 
@@ -26,11 +25,9 @@ def test_probe_gradient_is_the_autograd_gradient():
         torch.testing.assert_close(b - p.detach(), r.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_dp_probe_moves_only_the_head_and_is_accounted(tiny_cfg):
+def test_dp_probe_moves_only_the_head_and_is_accounted(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model.pooling=mean", "train.probe_steps=5", "train.local_steps=0")
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2},
-                  state=RecordDict(), run_config={})
-    client = LoRAClient(cfg, 0, 2, ctx)
+    client = LoRAClient(cfg, 0, 2, tmp_path)
     params = client.get_parameters({})
     names = client._bundle().names
     delta, _, metrics = client.fit(params, {"server_round": 1})
@@ -43,11 +40,9 @@ def test_dp_probe_moves_only_the_head_and_is_accounted(tiny_cfg):
     assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(cfg.privacy.delta), rel=1e-9)
 
 
-def test_probe_then_fine_tune_counts_both(tiny_cfg):
+def test_probe_then_fine_tune_counts_both(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model.pooling=mean", "train.probe_steps=4", "train.local_steps=2")
-    ctx = Context(run_id=1, node_id=8, node_config={"partition-id": 1, "num-partitions": 2},
-                  state=RecordDict(), run_config={})
-    client = LoRAClient(cfg, 1, 2, ctx)
+    client = LoRAClient(cfg, 1, 2, tmp_path)
     delta, _, metrics = client.fit(client.get_parameters({}), {"server_round": 1})
     assert metrics["steps"] == 6 and metrics["probe_steps"] == 4 and metrics["total_steps"] == 6
     names = client._bundle().names

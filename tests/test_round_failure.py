@@ -17,9 +17,11 @@ REF = [np.zeros(3, np.float32)]
 
 
 def _fit(pid, value=1.0, n=5, **metrics):
+    # A client that trained in round 1 replies with its own history; one that declined trained nothing.
+    history = [] if metrics.get("declined") else [[1.0, 0.1, 2, 1]]
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(3, value, np.float32)]), n,
                  {"partition_id": pid, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 2,
-                  "delta": 1e-5, "epsilon": 0.5, **metrics})
+                  "delta": 1e-5, "epsilon": 0.5, "dp_history": json.dumps(history), **metrics})
     return GridClientProxy(pid, None, 0), res
 
 

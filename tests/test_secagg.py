@@ -16,7 +16,10 @@ from omegaconf import OmegaConf
 
 from fedlora.client_app import secure_mod
 from fedlora.errors import ConfigError
-from fedlora.secure import check_secure, clip_l2, quantization_error, secure_settings
+from fedlora.privacy.calibration import ClientDPPlan
+from fedlora.privacy.randomness import SERVER_SAMPLING, NoiseSource
+from fedlora.secure import check_secure, clip_l2, prepare_update, quantization_error, secure_settings
+from strategies.client_dp import poisson_sample
 from strategies.fedlora_strategy import FedLoRAStrategy
 from strategies.server_app import secagg_workflow
 
@@ -60,7 +63,7 @@ def _drop_after_key_sharing(dropped):
     return mod
 
 
-def _run(dropped=(), rounds=1):
+def _run(dropped=(), rounds=1, client_fn=None, num_clients=len(SIZES), settings=SETTINGS, **strategy_kwargs):
     strategies = []
 
     server = ServerApp()
@@ -68,17 +71,18 @@ def _run(dropped=(), rounds=1):
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = FedLoRAStrategy(initial_arrays=[np.zeros(s, np.float32) for s in SHAPES],
-                                   min_fit_clients=len(SIZES), min_available_clients=len(SIZES),
-                                   fraction_evaluate=0.0)
+                                   min_fit_clients=num_clients, min_available_clients=num_clients,
+                                   fraction_evaluate=0.0, **strategy_kwargs)
         strategies.append(strategy)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
-        DefaultWorkflow(fit_workflow=secagg_workflow(SETTINGS))(grid, legacy)
+        workflow = secagg_workflow(settings, client_dp=strategy.client_dp is not None)
+        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
     client = ClientApp(
-        client_fn=lambda ctx: _ToyClient(int(ctx.node_config["partition-id"])).to_client(),
+        client_fn=client_fn or (lambda ctx: _ToyClient(int(ctx.node_config["partition-id"])).to_client()),
         mods=[_drop_after_key_sharing(set(dropped)), secure_mod],
     )
-    run_simulation(server_app=server, client_app=client, num_supernodes=len(SIZES),
+    run_simulation(server_app=server, client_app=client, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
     return strategies[0]
 
@@ -128,3 +132,68 @@ def test_invalid_settings_are_refused(override, per_round, robust, setting, text
     with pytest.raises(ConfigError) as err:
         check_secure(cfg, per_round, robust=robust)
     assert err.value.setting == setting and text in str(err.value)
+
+
+# Client-level DP with SecAgg+: clients clip to privacy.clipping_norm before masking.
+DP_CFG = OmegaConf.merge(CFG, {"privacy": {"unit": "client", "clipping_norm": 0.5}, "secure": {"clipping_norm": None}})
+DP_SETTINGS = secure_settings(DP_CFG, 1)
+
+
+def _big_delta(pid):
+    """An honest client whose raw update is far above the clipping norm (norm 10)."""
+    raw = _delta(pid)
+    norm = np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in raw))
+    return [d * (10.0 / norm) for d in raw]
+
+
+class _DPClient(NumPyClient):
+    def __init__(self, pid):
+        self.pid = pid
+
+    def fit(self, parameters, config):
+        delta, clipped, qerr = prepare_update(_big_delta(self.pid), 1, DP_SETTINGS)
+        return delta, 1, {"partition_id": self.pid, "secure_clipped": clipped, "quantization_error": qerr}
+
+
+def _noiseless_plan(num_clients, sample_rate=1.0):
+    return ClientDPPlan(sample_rate=sample_rate, noise_multiplier=0.0, clipping_norm=0.5, num_clients=num_clients,
+                        planned_rounds=1, target_epsilon=1.0, delta=1e-5, accountant="rdp")
+
+
+def _dp_sum(num_clients):
+    strategy = _run(client_fn=lambda ctx: _DPClient(int(ctx.node_config["partition-id"])).to_client(),
+                    num_clients=num_clients, settings=DP_SETTINGS, client_dp=_noiseless_plan(num_clients))
+    # The noiseless release divides the sum by the expected count q * N = N.
+    return _flat(strategy) * num_clients
+
+
+def test_one_client_moves_the_secagg_sum_by_at_most_the_privacy_clipping_norm():
+    """The sensitivity the server's noise is calibrated for holds through SecAgg+'s
+    quantization: adding one client (raw update norm 10) to four moves the unmasked,
+    pre-noise sum by at most privacy.clipping_norm = 0.5."""
+    four, five = _dp_sum(4), _dp_sum(5)
+    d = sum(int(np.prod(s)) for s in SHAPES)
+    rounding = 2 * 4 * DP_SETTINGS.quantization_step * np.sqrt(d)  # the other four, rounded afresh
+    change = np.linalg.norm(five - four)
+    assert 0.4 < change <= 0.5 + rounding, change
+    assert np.linalg.norm(four) > 0.8  # four clipped updates (norm 0.5, random directions) are in the sum
+
+
+def test_a_larger_secure_clipping_norm_is_refused_under_client_level_dp():
+    with pytest.raises(ConfigError) as err:
+        check_secure(OmegaConf.merge(DP_CFG, {"secure": {"clipping_norm": 5.0}}), 10, robust=False)
+    assert err.value.setting == "secure.clipping_norm" and "privacy.clipping_norm" in str(err.value)
+    assert DP_SETTINGS.clipping_norm == 0.5
+
+
+def test_a_round_secagg_cannot_run_still_releases_the_mechanism():
+    """A Poisson draw of one client: Flower's SecAgg+ halts (it needs two), the round is
+    collected without masking and released; the ledger would hold it like any other."""
+    ids = [str(i) for i in range(4)]  # the draw depends only on the number of nodes
+    seed = next(s for s in range(1000)
+                if len(poisson_sample(ids, 0.3, NoiseSource(s).numpy_generator(SERVER_SAMPLING, 1))) == 1)
+    strategy = _run(client_fn=lambda ctx: _DPClient(int(ctx.node_config["partition-id"])).to_client(),
+                    num_clients=4, settings=DP_SETTINGS, client_dp=_noiseless_plan(4, 0.3), noise=NoiseSource(seed))
+    assert strategy.completed_round == strategy.started_round == 1
+    released = _flat(strategy) * 0.3 * 4
+    assert 0.45 < np.linalg.norm(released) <= 0.5 + 1e-6  # one clipped update, released

@@ -2,10 +2,14 @@
 under attack. Each run is a subprocess, like a user's command line."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from fedlora.checkpoint import load_checkpoint
@@ -18,6 +22,18 @@ TINY = [
     "train.batch_size=16", "train.local_steps=2", "train.probe_steps=0", "federation.fraction_evaluate=0",
     "tracking=none",  # W&B is tested in test_tracking / test_simulation; these test the mechanisms
 ]
+
+
+def _kill_tree(proc):
+    """SIGKILL a simulation and every process it started (Ray workers included)."""
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    proc.wait()
 
 
 def _run(tmp_path, *overrides):
@@ -84,30 +100,19 @@ def test_secaggplus_with_client_level_dp(tmp_path):
 
 
 def test_killed_server_resumes_and_epsilon_continues(tmp_path):
-    import os
-    import signal
-    import time
-
-    import psutil
-
     cmd = [sys.executable, "-m", "simulations.run", *TINY, "federation.num_clients=2", "federation.rounds=3",
            f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt_path = tmp_path / "checkpoint.npz"
     try:
         deadline = time.time() + 300
-        while not ckpt_path.exists() and time.time() < deadline and proc.poll() is None:
+        # The checkpoint exists from round 0 on; wait for the first completed round.
+        while not (ckpt_path.exists() and load_checkpoint(ckpt_path).round >= 1) and time.time() < deadline \
+                and proc.poll() is None:
             time.sleep(0.1)
-        assert ckpt_path.exists(), "no checkpoint after round 1"
+        assert ckpt_path.exists() and load_checkpoint(ckpt_path).round >= 1, "no checkpoint after round 1"
     finally:
-        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in family:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
-                pass
-        proc.wait()
+        _kill_tree(proc)
     killed_at = load_checkpoint(ckpt_path).round
     assert 1 <= killed_at < 3
 
@@ -136,3 +141,78 @@ def test_killed_server_resumes_and_epsilon_continues(tmp_path):
     assert len(starts) == 2 and starts[1]["resumed_from"] == killed_at and starts[1]["config_matches_previous"]
     assert [a["round"] for a in audit if a["event"] == "round"] == [0, 1, 2, 3]
     assert audit[-1]["event"] == "run_finished" and verify_audit(tmp_path) == []
+
+
+def _adapter_sha(run_dir):
+    import hashlib
+
+    return hashlib.sha256((run_dir / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def test_dp_noise_is_secret_unless_a_noise_seed_is_set(tmp_path):
+    """Two runs of one config under sample-level DP differ (the noise is fresh OS
+    entropy, not a function of the config); two runs with the same noise_seed are
+    identical, and that run says it is not private everywhere it reports."""
+    small = ["federation.num_clients=2", "federation.rounds=1", "data.max_train_samples=128"]
+    outs, shas = {}, {}
+    for name, extra in [("a", []), ("b", []), ("s1", ["privacy.noise_seed=7"]), ("s2", ["privacy.noise_seed=7"])]:
+        run_dir = tmp_path / name
+        outs[name], res = _run(run_dir, *small, *extra)
+        shas[name] = _adapter_sha(run_dir)
+        card = (run_dir / "adapter" / "README.md").read_text()
+        audit = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[0])
+        assert "## Differential privacy" in card and "sample-level" in card
+        if extra:
+            assert res["noise"]["source"] == "noise_seed" and res["noise"]["private"] is False
+            assert "NOT PRIVATE" in outs[name] and "NOT PRIVATE" in card and "NOT PRIVATE" in audit["noise"]["warning"]
+        else:
+            assert res["noise"] == {**res["noise"], "source": "os_entropy", "private": True}
+            assert "NOT PRIVATE" not in outs[name] + card and "OS entropy" in card
+    assert shas["a"] != shas["b"]
+    assert shas["s1"] == shas["s2"]
+
+
+def test_a_server_killed_before_aggregating_cannot_make_clients_forget_their_spend(tmp_path):
+    """Clients train one after another (one backend actor). The server is killed after a
+    client replied in round 2 and before the round was aggregated: that client's spend
+    is on its own disk only. The resume does not run round 2 again, the client composes
+    over it, and the final ledger is the union: every client's epsilon equals the
+    recomputation from its own record and stays within its budget."""
+    from fedlora.client_state import CLIENT_STATE_DIR
+
+    sequential = ["federation.num_clients=2", "federation.rounds=3", "federation.client_resources.num_cpus=2",
+                  "federation.backend_num_cpus=2", "train.local_steps=20"]
+    cmd = [sys.executable, "-m", "simulations.run", *TINY, *sequential, f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def logs():
+        return {p.name: [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+                for p in (tmp_path / CLIENT_STATE_DIR).glob("*/client-*.jsonl")}
+
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if any(e[3] == 2 for entries in logs().values() for e in entries):
+                break
+            time.sleep(0.02)
+    finally:
+        _kill_tree(proc)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert ckpt.round == 1 and ckpt.state["started_round"] == 2, "not killed between reply and aggregation"
+    spent_in_2 = {name for name, entries in logs().items() if any(e[3] == 2 for e in entries)}
+    assert len(spent_in_2) == 1  # one client replied, the other was still training
+
+    out, res = _run(tmp_path, f"resume={tmp_path}")
+    assert "resuming after round 1" in out and "not run again" in out
+    final = res["final"]
+    ledger = res["privacy_ledger"]["entries"]
+    for name, entries in logs().items():
+        cid = name.removeprefix("client-").removesuffix(".jsonl")
+        mine = [e for e in ledger if e["client"] == cid]
+        # The ledger is the union, entry for entry the client's own record.
+        assert [(e["noise_multiplier"], e["sample_rate"], e["steps"], e["round"]) for e in mine] == \
+            [tuple(e) for e in entries]
+        assert [e[3] for e in entries] == ([1, 2, 3] if name in spent_in_2 else [1, 3])
+        recomputed = epsilon_from_history([tuple(e[:3]) for e in entries], mine[0]["delta"], "rdp")
+        assert final["client_epsilon"][cid] == pytest.approx(recomputed, rel=1e-9)
+        assert final["client_epsilon"][cid] <= 8.0

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from fedlora.config import OVERRIDES_FILE
+from fedlora.client_state import STATE_DIR_KEY
 from fedlora.deploy import credentials as credentials_cli
 from fedlora.deploy.launch import (
     DEFAULT_PORT,
@@ -88,6 +89,8 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         if not path.is_file():
             raise DeployError(f"--data-path {path} does not exist on this SuperNode's machine")
         config["data-path"] = str(path)
+    if getattr(args, "state_dir", None):
+        config[STATE_DIR_KEY] = str(Path(args.state_dir).resolve())
     if "partition-id" not in config:
         raise DeployError("pass --partition-id (this data holder's client id; with --num-partitions for a shard of the configured dataset, or with --data-path for local data)")
     if "data-path" not in config and "num-partitions" not in config:
@@ -232,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--partition-id", type=int, help="this data holder's client id")
     p.add_argument("--num-partitions", type=int, help="shards of the configured dataset")
     p.add_argument("--data-path", help="this node's own CSV/JSONL/Parquet instead of a shard")
+    p.add_argument("--state-dir", help="where this node keeps its own privacy-spend record, which must survive "
+                   "restarts (default: $FLWR_HOME/fedlora-client-state)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT + 1, help="the SuperNode's local app API port")
     p.set_defaults(func=cmd_supernode)
 
