@@ -41,7 +41,8 @@ def main() -> None:
     task = load_task_data_cached(cfg.data, int(cfg.seed))
     bundle = get_bundle(cfg, task.num_labels)
     data = tokenize(task.train.select(range(512)), bundle.tokenizer, 64)
-    plan = DPPlan(sample_rate=args.batch / len(data), noise_multiplier=1.0, steps_per_round=args.steps, probe_steps=0,
+    plan = DPPlan(sample_rate=args.batch / len(data), noise_multiplier=1.0, steps_per_round=args.steps,
+                  expected_batch_size=args.batch, probe_steps=0,
                   planned_rounds=1, max_grad_norm=0.3, target_epsilon=8.0, delta=1e-5, accountant="rdp")
     gsm = bundle.grad_sample_module()
     noise = NoiseSource()

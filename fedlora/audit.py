@@ -236,17 +236,19 @@ class AuditTrail:
             "config_sha256": self.config_sha256,
             "accuracy": record.get("accuracy"),
             "loss": record.get("loss"),
-            "elapsed_s": record.get("elapsed_s"),
+            **({"elapsed_s": record["elapsed_s"]} if "elapsed_s" in record else {}),
         }
         if rnd > 0:
-            fields["fit_recorded"] = "clients" in record
-            fields["sampled"] = {k: v for k, v in (record.get("sampled") or {}).items() if k != "nodes"}
-            fields["clients"] = [_client_status(c) for c in record.get("clients", [])]
-            fields["failures"] = [{"node": f.get("node_id"), "reason": f.get("reason")}
-                                  for f in record.get("failures", [])]
+            fields["fit_recorded"] = bool(record.get("fit_recorded"))
+            # Under client-level DP the record holds no participants (server_internal/ does).
+            if "sampled" in record:
+                fields["sampled"] = {k: v for k, v in record["sampled"].items() if k != "nodes"}
+            if "clients" in record:
+                fields["clients"] = [_client_status(c) for c in record["clients"]]
+            if "failures" in record:
+                fields["failures"] = [{"node": f.get("node_id"), "reason": f.get("reason")} for f in record["failures"]]
             fields["privacy"] = self._privacy(rnd, record, recorder)
-            fields["aggregation"] = record.get("aggregation")
-            for key in ("client_dp", "aggregation_error"):
+            for key in ("aggregation", "client_dp", "aggregation_error"):
                 if key in record:
                     fields[key] = record[key]
         self.log.append("round", **fields)
@@ -286,8 +288,9 @@ class AuditTrail:
         """A failed round ends the run before its evaluation: log the round (who was
         sampled, who failed, what privacy was spent) and why the run stopped."""
         rnd = int(stopped["after_round"])
-        if rnd in recorder.rounds:
-            self.on_round(recorder.rounds[rnd], recorder)
+        published = {int(r["round"]): r for r in recorder.published_rounds()}
+        if rnd in published:
+            self.on_round(published[rnd], recorder)
         self.log.append("run_stopped", config_sha256=self.config_sha256, **stopped)
 
     def on_finish(self, final: dict[str, Any], recorder: Any) -> None:

@@ -27,7 +27,8 @@ from fedlora.data import TaskData, client_split, partition_indices
 from fedlora.data.sources import load_node_data, load_task_data_cached
 from fedlora.errors import ConfigError
 from fedlora.lora import flatten, get_arrays, probe_parts, set_arrays, subtract, unflatten
-from fedlora.privacy.calibration import clients_per_round
+from fedlora.privacy.calibration import clients_per_round, declared_examples
+from fedlora.release import ReleasePolicy
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
@@ -67,12 +68,27 @@ def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: 
     )
 
 
+def weight_examples(cfg: Any, federation_train_size: int, actual: int) -> int:
+    """A client's training-set size as the run uses and reports it: its DP plan and its
+    FedAvg weight. Under sample-level DP the declared public size
+    (:func:`fedlora.privacy.calibration.declared_examples`), never the real one; under
+    client-level DP 1 (every client weighs the same in DP-FedAvg); without DP the real size."""
+    unit = str(cfg.privacy.unit)
+    if unit == "sample":
+        return declared_examples(cfg.privacy, federation_train_size, int(cfg.federation.num_clients),
+                                 float(cfg.data.validation_fraction))
+    return 1 if unit == "client" else int(actual)
+
+
 def max_client_examples(cfg: Any, task: TaskData, num_partitions: int) -> int:
-    """The largest client's training set (SecAgg+'s ``max_weight``)."""
-    return max(len(client_indices(cfg, task, p, num_partitions)[0]) for p in range(num_partitions))
+    """The largest FedAvg weight of any client (SecAgg+'s ``max_weight``)."""
+    return max(weight_examples(cfg, len(task.train), len(client_indices(cfg, task, p, num_partitions)[0]))
+               for p in range(num_partitions))
 
 
 def client_plan(cfg: Any, num_examples: int, partition_id: int = 0) -> DPPlan | None:
+    """The sample-level DP plan of a client whose (declared) training-set size is
+    ``num_examples``; None without sample-level DP."""
     if cfg.privacy.unit != "sample":
         return None
     eps = client_epsilon(cfg.privacy, partition_id, int(cfg.federation.num_clients))
@@ -89,6 +105,8 @@ class LoRAClient(NumPyClient):
         self.partition_id = partition_id
         self.state_dir = Path(state_dir)
         self.task = load_task_data_cached(cfg.data, int(cfg.seed))
+        self.release = ReleasePolicy.from_config(cfg)
+        federation_train_size = len(self.task.train)  # the configured dataset's: public
         self.num_partitions = num_partitions
         # What the rows come from: the model bundle (and its shard cache) outlives one
         # experiment's data settings within a process.
@@ -105,6 +123,8 @@ class LoRAClient(NumPyClient):
         self.attack = str(cfg.attack.name)
         self.colluders = malicious_clients(cfg.attack, int(cfg.federation.num_clients))
         self.malicious = partition_id in self.colluders
+        # The size this client's plan and FedAvg weight use (declared under sample-level DP).
+        self.num_examples = weight_examples(cfg, federation_train_size, len(self.train_idx))
 
     # -- helpers ---------------------------------------------------------------
     def _bundle(self) -> ModelBundle:
@@ -151,7 +171,8 @@ class LoRAClient(NumPyClient):
             embed, head = probe_parts(bundle.model)
             features = embed_all(embed, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
             probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, shuffle, secret)
-        n_tune = local_steps(len(data), cfg.train)
+        # Under DP the plan fixes the steps (from the declared size, not the real one).
+        n_tune = local_steps(len(data), cfg.train) if plan is None else plan.steps_per_round - plan.probe_steps
         if plan is None:
             stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle)
         else:
@@ -168,7 +189,7 @@ class LoRAClient(NumPyClient):
                 continue
             set_arrays(bundle.model, bundle.names, parameters)
             data = self._data(bundle, "train", pid)
-            self._train(bundle, data, client_plan(self.cfg, len(data), pid), pid, server_round)
+            self._train(bundle, data, client_plan(self.cfg, self.num_examples, pid), pid, server_round)
             rows.append(flatten(subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])))
         return np.stack(rows)
 
@@ -203,8 +224,9 @@ class LoRAClient(NumPyClient):
         bundle = self._bundle()
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "train")
-        plan = client_plan(cfg, len(data), self.partition_id)
-        metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit}
+        plan = client_plan(cfg, self.num_examples, self.partition_id)
+        metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit,
+                                   "num_examples": self.num_examples}
         log, history = None, []
         if plan is not None:
             log = self.spend_log(config)
@@ -223,7 +245,7 @@ class LoRAClient(NumPyClient):
                     steps=0,
                     **self._privacy_metrics(plan, history, spent),
                 )
-                return [np.zeros_like(np.asarray(p)) for p in parameters], 0, metrics
+                return [np.zeros_like(np.asarray(p)) for p in parameters], 0, self.release.reply(metrics)
         probe, stats = self._train(bundle, data, plan, self.partition_id, server_round)
         steps = probe.steps + stats.steps
         delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
@@ -231,10 +253,10 @@ class LoRAClient(NumPyClient):
             metrics["attack"] = self.attack
             if self.attack in MODEL_POISONING:
                 delta = self._poison(bundle, parameters, delta, server_round)
+        # Sent only where the policy allows it (without DP, or the norm of a noised update).
         metrics["update_norm"] = float(np.linalg.norm(flatten(delta)))
-        num_examples = len(data)
         if secure_enabled(cfg):
-            delta, num_examples = self._prepare_secure(delta, num_examples, metrics)
+            delta = self._prepare_secure(delta)
         if plan is not None:
             # Recorded (fsync'd) before the update leaves: a server that dies before it
             # aggregates cannot make this client forget the spend.
@@ -243,13 +265,8 @@ class LoRAClient(NumPyClient):
             history = history + [entry]
             spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
             metrics.update(max_grad_norm=plan.max_grad_norm, **self._privacy_metrics(plan, history, spent))
-        metrics.update(
-            steps=steps,
-            probe_steps=probe.steps,
-            train_loss=stats.loss if stats.steps else probe.loss,
-            num_examples=len(data),
-        )
-        return delta, num_examples, metrics
+        metrics.update(steps=steps, probe_steps=probe.steps, train_loss=stats.loss if stats.steps else probe.loss)
+        return delta, self.num_examples, self.release.reply(metrics)
 
     @staticmethod
     def _privacy_metrics(plan: DPPlan, history: list, spent: float) -> dict[str, Any]:
@@ -266,19 +283,19 @@ class LoRAClient(NumPyClient):
             HISTORY_KEY: json.dumps([list(h) for h in history]),
         }
 
-    def _prepare_secure(self, delta, num_examples: int, metrics: dict[str, Any]):
+    def _prepare_secure(self, delta):
         """Before SecAgg+ masks it: clip the delta to the quantizer's range (fixed clipping,
-        as Flower's clipping mods do) and measure the quantization error it will carry.
-        Under client-level DP every client weighs 1, so the server can recover the sum."""
+        as Flower's clipping mods do). Nothing about the single update is reported: SecAgg+
+        exists to hide it."""
         cfg = self.cfg
-        if cfg.privacy.unit == "client":
-            num_examples = 1
         settings = secure_settings(cfg, max_client_examples(cfg, self.task, self.num_partitions))
-        delta, clipped, qerr = prepare_update(delta, num_examples, settings)
-        metrics.update(secure_clipped=clipped, quantization_error=qerr)
-        return delta, num_examples
+        return prepare_update(delta, settings)
 
     def evaluate(self, parameters, config):
+        if not self.release.client_evaluation:
+            # Loss and accuracy on this client's validation data are statistics of private
+            # data that no mechanism noises: not released under DP (the server does not ask).
+            return 0.0, 0, {"partition_id": self.partition_id}
         bundle = self._bundle()
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "val")

@@ -219,13 +219,18 @@ class RunPlots:
         config = recorder.config or {}
         privacy = config.get("privacy") or {}
         num_clients = int((config.get("federation") or {}).get("num_clients", 0))
-        rounds = [recorder.rounds[r] for r in sorted(recorder.rounds)]
+        rounds = recorder.published_rounds()
         plot_metrics(rounds, self.run_dir / METRICS_PNG)
         if recorder.ledger.entries:
             target = privacy.get("target_epsilon")
             plot_epsilon(recorder.ledger, self.run_dir / EPSILON_PNG, recorder.accountant,
                          None if target is None else float(target), unit=recorder.privacy_unit,
                          budgets=client_budgets(privacy, num_clients), delta=recorder.delta)
+        if not recorder.release.participation_public:
+            # Under client-level DP who took part is secret and the counts are not noised:
+            # no participation plot at all.
+            (self.run_dir / PARTICIPATION_PNG).unlink(missing_ok=True)
+            return
         attack = recorder.attack or {}
         plot_participation(rounds, num_clients, self.run_dir / PARTICIPATION_PNG,
                            malicious=attack.get("clients"), attack=attack.get("name"))

@@ -16,6 +16,7 @@ from typing import Any
 from fedlora.atomic import write_atomic
 from fedlora.client_state import HISTORY_KEY
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
+from fedlora.release import INTERNAL_DIR, INTERNAL_NOTE, ReleasePolicy
 
 PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
 # Sample-level: each client holds its own guarantee and the federation reports the
@@ -48,6 +49,33 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+class InternalRecord:
+    """``server_internal/rounds.jsonl``: what a round may not publish (participants,
+    counts, single updates' facts under client-level DP), for the server's operator
+    only. Appended once per round; a resume continues it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = Path(run_dir) / INTERNAL_DIR
+        self.path = self.dir / "rounds.jsonl"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "README.txt").write_text(INTERNAL_NOTE)
+        self.written = set()
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    self.written.add(int(json.loads(line)["round"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def append(self, internal: dict[str, Any]) -> None:
+        rnd = int(internal["round"])
+        if rnd in self.written:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(internal, default=_json_default) + "\n")
+        self.written.add(rnd)
+
+
 class RunRecorder:
     """Collects what the strategy reports and writes ``results.json``."""
 
@@ -62,6 +90,7 @@ class RunRecorder:
         echo=print,
         noise: dict[str, Any] | None = None,
         experiment_id: str = "",
+        release: ReleasePolicy | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +104,9 @@ class RunRecorder:
         # Where the mechanisms' randomness came from (NoiseSource.describe()).
         self.noise = noise or {}
         self.experiment_id = experiment_id
+        # What may be published; the rest of a round goes to server_internal/ only.
+        self.release = release or ReleasePolicy(unit=privacy_unit)
+        self.internal = InternalRecord(self.run_dir) if not self.release.participation_public else None
         self.rounds: dict[int, dict[str, Any]] = {}
         self.client_epsilon: dict[str, float] = {}
         self.ledger = PrivacyLedger()
@@ -153,6 +185,10 @@ class RunRecorder:
         """Whom configure_fit sampled (Flower node ids) and how (method, rate, pool)."""
         self._round(server_round)["sampled"] = {"nodes": [str(n) for n in nodes], **how}
 
+    def on_secagg_halted(self, server_round: int) -> None:
+        """SecAgg+ could not finish this round; it was collected unmasked (client-level DP)."""
+        self._round(server_round)["secagg_halted"] = True
+
     def on_aggregation(self, server_round: int, decisions: dict[str, Any]) -> None:
         """The aggregation rule, its parameters and its decisions by client id."""
         self._round(server_round)["aggregation"] = decisions
@@ -174,6 +210,7 @@ class RunRecorder:
             if info.get("epsilon") is not None:
                 self.client_epsilon[str(info["cid"])] = float(info["epsilon"])
         rec = self._round(server_round)
+        rec["fit_recorded"] = True
         rec["clients"] = clients
         rec["failures"] = [r for r in rejected if r.get("cid") is None]
         for info in clients:
@@ -190,10 +227,6 @@ class RunRecorder:
             rec[key] = sum(int(c.get(key) or 0) for c in clients + rec["failures"])
         if aggregation_error:
             rec["aggregation_error"] = aggregation_error
-        qerr = [c["quantization_error"] for c in clients if c.get("quantization_error") is not None]
-        if qerr:
-            # SecAgg+: the largest error its quantization put on any client's delta.
-            rec["secagg_quantization_error"] = max(qerr)
 
     def _merge_history(self, cid: str, history: list[list[float]], info: dict[str, Any]) -> None:
         """Add the entries of a client's own record that the ledger lacks (by round, and by
@@ -223,9 +256,12 @@ class RunRecorder:
         rec["epsilon"] = self.epsilon()
         rec["privacy_unit"] = PRIVACY_UNIT_LABEL[self.privacy_unit]
         rec["elapsed_s"] = round(time.time() - self.start, 3)
-        self.echo(self._progress_line(rec))
+        public, internal = self.release.split_round(rec)
+        self.echo(self._progress_line(public))
         self.write()
-        self._notify("on_round", rec)
+        if self.internal is not None and internal:
+            self.internal.append(internal)
+        self._notify("on_round", public)
 
     def on_federated_evaluate(self, server_round: int, loss: float, accuracy: float, n: int) -> None:
         rec = self._round(server_round)
@@ -241,10 +277,10 @@ class RunRecorder:
         parts = [f"round {rec['round']}/{self.num_rounds}", f"test accuracy {acc_text}", f"loss {rec.get('loss') or float('nan'):.4f}"]
         if rec["round"] > 0:
             parts.append(self.eps_text(rec.get("epsilon")))
-            parts.append(f"clients ok {rec.get('num_accepted', 0)}, rejected {rec.get('num_rejected', 0)}")
-            if rec.get("secagg_quantization_error") is not None:
-                parts.append(f"SecAgg+ quantization error <= {rec['secagg_quantization_error']:.2e}")
-        parts.append(f"{rec['elapsed_s']:.1f}s")
+            if "num_accepted" in rec:  # not published under client-level DP
+                parts.append(f"clients ok {rec.get('num_accepted', 0)}, rejected {rec.get('num_rejected', 0)}")
+        if "elapsed_s" in rec:  # not published under client-level DP (it grows with the draw)
+            parts.append(f"{rec['elapsed_s']:.1f}s")
         return " | ".join(parts)
 
     def stop(self, reason: str) -> None:
@@ -280,7 +316,11 @@ class RunRecorder:
         return self.final
 
     def rounds_completed(self) -> int:
-        return max((r for r in self.rounds if "clients" in self.rounds[r]), default=0)
+        return max((r for r in self.rounds if self.rounds[r].get("fit_recorded")), default=0)
+
+    def published_rounds(self) -> list[dict[str, Any]]:
+        """Every round as the run publishes it (results.json, audit, plots, W&B)."""
+        return [self.release.split_round(self.rounds[r])[0] for r in sorted(self.rounds)]
 
     def privacy_statement(self) -> dict[str, Any]:
         """The guarantee the run's model was trained under, as the model card states it."""
@@ -306,7 +346,7 @@ class RunRecorder:
             "config": self.config,
             "experiment_id": self.experiment_id,
             "noise": self.noise,
-            "rounds": [self.rounds[r] for r in sorted(self.rounds)],
+            "rounds": self.published_rounds(),
             "final": self.final,
             "attack": self.attack,
             "privacy_ledger": self.ledger.to_dict(),

@@ -143,10 +143,8 @@ def clip_l2(delta: list[np.ndarray], max_norm: float) -> tuple[list[np.ndarray],
     return [(d * scale).astype(d.dtype) for d in delta], True
 
 
-def prepare_update(
-    delta: list[np.ndarray], num_examples: int, settings: SecAggSettings
-) -> tuple[list[np.ndarray], bool, float]:
-    """A delta ready for masking: (clipped delta, whether it was clipped, quantization error).
+def prepare_update(delta: list[np.ndarray], settings: SecAggSettings) -> list[np.ndarray]:
+    """A delta ready for masking: clipped so that it stays within the sensitivity.
 
     Stochastic rounding moves each coordinate by less than one quantization step, i.e.
     the dequantized vector lies within ``step * sqrt(d)`` of the clipped one in L2. The
@@ -162,8 +160,7 @@ def prepare_update(
             f"{settings.quantization_range} levels are too coarse for {d} coordinates at clipping norm "
             f"{settings.clipping_norm:g}; raise secure.quantization_range",
         )
-    delta, clipped = clip_l2(delta, bound)
-    return delta, clipped, quantization_error(delta, num_examples, settings)
+    return clip_l2(delta, bound)[0]
 
 
 def quantization_error(delta: list[np.ndarray], num_examples: int, settings: SecAggSettings) -> float:

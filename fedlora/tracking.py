@@ -91,8 +91,6 @@ def round_metrics(record: dict[str, Any], privacy_unit: str) -> dict[str, Any]:
     for key in ("bytes_up", "bytes_down"):
         if record.get(key) is not None:
             metrics[f"traffic/{key}"] = record[key]
-    if record.get("secagg_quantization_error") is not None:
-        metrics["secagg/quantization_error"] = record["secagg_quantization_error"]
     return metrics
 
 
@@ -103,8 +101,8 @@ def client_epsilon_rows(recorder: Any) -> list[list[Any]]:
     per round for every client (``all``), the server's guarantee after that round.
     """
     rows: list[list[Any]] = []
-    for rnd in sorted(recorder.rounds):
-        record = recorder.rounds[rnd]
+    for record in recorder.published_rounds():
+        rnd = int(record["round"])
         for c in record.get("clients", []):
             if c.get("epsilon") is None:
                 continue

@@ -172,7 +172,7 @@ def _dp_parts(
         optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        expected_batch_size=max(1, round(plan.sample_rate * len(data))),
+        expected_batch_size=plan.expected_batch_size,
         loss_reduction="mean",
         generator=generators.noise,
         secure_mode=secure_mode,  # False only to measure what it costs (benchmarks/secure_noise.py)

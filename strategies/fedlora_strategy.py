@@ -225,6 +225,17 @@ class FedLoRAStrategy(Strategy):
         if handler is not None:
             handler(*args, **kwargs)
 
+    def _log_participant(self, level: int, msg: str, *args: Any) -> None:
+        """A log line about one participant: not under client-level DP, where who took
+        part is secret (the server-internal record has it)."""
+        if self.client_dp is None:
+            log(level, msg, *args)
+
+    def secagg_halted(self, server_round: int) -> None:
+        """SecAgg+ could not finish the round (it is replayed unmasked, see server_app):
+        a fact about the draw, for the server-internal record only."""
+        self._notify("on_secagg_halted", server_round)
+
     def _num(self, fraction: float, minimum: int, available: int) -> int:
         return max(math.ceil(fraction * available), minimum)
 
@@ -306,8 +317,7 @@ class FedLoRAStrategy(Strategy):
         # Poisson sampling is what the client-level accountant assumes: record it as such.
         self._notify("on_sample", server_round, list(chosen), method="poisson",
                      sample_rate=self.client_dp.sample_rate, eligible=len(pool))
-        if not chosen:
-            log(INFO, "round %s: Poisson sampling chose no client; releasing noise only", server_round)
+        if not chosen:  # released as noise alone; not logged (the count is secret)
             self._aggregate_client_dp(server_round, self._stack([]), [], [])
         return [(pool[cid], ins) for cid in chosen]
 
@@ -344,8 +354,8 @@ class FedLoRAStrategy(Strategy):
                 self.exhausted.add(proxy.cid)
                 info["accepted"] = False
                 clients.append(info)
-                log(INFO, "round %s: client %s declined (%s); no longer sampled", server_round,
-                    info["cid"], res.metrics.get("reason"))
+                self._log_participant(INFO, "round %s: client %s declined (%s); no longer sampled", server_round,
+                                      info["cid"], res.metrics.get("reason"))
                 continue
             arrays = parameters_to_ndarrays(res.parameters)
             reason = validate_update(arrays, self.global_arrays)
@@ -358,14 +368,15 @@ class FedLoRAStrategy(Strategy):
             else:
                 info["reason"] = reason
                 rejected.append(info)
-                log(WARNING, "round %s: rejected update from client %s: %s", server_round, info["cid"], reason)
+                self._log_participant(WARNING, "round %s: rejected update from client %s: %s", server_round,
+                                      info["cid"], reason)
             clients.append(info)
         for failure in failures:
             reason = failure_reason(failure)
             node = None if isinstance(failure, BaseException) else failure[0].cid
             rejected.append({"cid": None, "node_id": node, "accepted": False, "reason": reason,
                              "bytes_down": self.bytes_down_per_client})
-            log(WARNING, "round %s: client failure: %s", server_round, reason)
+            self._log_participant(WARNING, "round %s: client failure: %s", server_round, reason)
 
         if self.client_dp is not None:
             return self._aggregate_client_dp(server_round, self._stack(accepted), clients, rejected)
@@ -464,8 +475,9 @@ class FedLoRAStrategy(Strategy):
                                   self.noise.numpy_generator(SERVER_NOISE, server_round))
         agg_seconds = time.perf_counter() - start
         new_params = self._step(release.aggregate)
-        log(INFO, "round %s: client-level DP-FedAvg over %s clients (%s clipped), noise std on the mean %.3g",
-            server_round, release.num_clients, release.clipped, release.noise_std)
+        # How many took part and were clipped is secret (amplification by subsampling).
+        log(INFO, "round %s: client-level DP-FedAvg released, noise std on the mean %.3g", server_round,
+            release.noise_std)
         self._notify("on_aggregation", server_round, {
             "rule": "gaussian_fedavg (client-level DP-FedAvg)",
             "params": {"clipping_norm": plan.clipping_norm, "noise_multiplier": plan.noise_multiplier,

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedlora.client import client_indices, client_plan
+from fedlora.client import client_indices, client_plan, weight_examples
 from fedlora.data import TaskData
 from fedlora.data.sources import load_task_data_cached
 from fedlora.errors import ConfigError
@@ -161,7 +161,8 @@ def preflight(cfg: Any, simulation: bool = True) -> Preflight:
     for pid in range(n):
         train_idx, _ = client_indices(cfg, task, pid, n)
         sizes.append(len(train_idx))
-        plans.append(client_plan(cfg, len(train_idx), pid))
+        # Under sample-level DP the plan uses the declared size, not the real one.
+        plans.append(client_plan(cfg, weight_examples(cfg, len(task.train), len(train_idx)), pid))
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
     get_bundle(cfg, task.num_labels)
     return Preflight(task=task, client_sizes=sizes, plans=plans, client_dp=client_level_plan(cfg))

@@ -8,8 +8,9 @@ every round, records the run, and saves the final adapter in PEFT format.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from logging import ERROR, WARNING
+from logging import ERROR
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from fedlora.data.sources import load_task_data_cached
 from fedlora.lora import get_arrays, set_arrays
 from fedlora.model_card import write_privacy_section
 from fedlora.privacy.randomness import NoiseSource
+from fedlora.release import ReleasePolicy, hide_participation_in_logs
 from fedlora.plots import RunPlots
 from fedlora.privacy.calibration import client_level_plan
 from fedlora.privacy.ledger import PrivacyLedger
@@ -78,8 +80,8 @@ class ClientDPSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__call__(grid, context)
         strategy: FedLoRAStrategy = context.strategy
         if strategy.completed_round < strategy.started_round:
-            log(WARNING, "round %s: SecAgg+ halted; collecting the drawn clients' clipped updates without "
-                "masking so the round still releases the client-level Gaussian mechanism", strategy.started_round)
+            # Not logged: that it halted says the draw was small (the server-internal record has it).
+            strategy.secagg_halted(strategy.started_round)
             with strategy.replaying():
                 default_fit_workflow(grid, context)
 
@@ -112,6 +114,7 @@ def run_server(
         return loss, {"accuracy": acc}
 
     privacy = cfg.privacy
+    release = ReleasePolicy.from_config(cfg)
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT) if resume else None
     noise = NoiseSource.from_config(privacy)
     experiment_id = str(ckpt.state.get("experiment_id", "")) if ckpt is not None else ""
@@ -125,9 +128,16 @@ def run_server(
         echo=echo,
         noise=noise.describe() if privacy.unit != "none" else {"source": "none"},
         experiment_id=experiment_id or uuid.uuid4().hex,
+        release=release,
     )
     if privacy.unit != "none" and not noise.private:
         echo(f"WARNING: {noise.warning()}")
+    fraction_evaluate = float(cfg.federation.fraction_evaluate)
+    if fraction_evaluate > 0 and not release.client_evaluation:
+        echo("federated evaluation on the clients' validation data is off under DP: its loss and accuracy "
+             "are statistics of private data that no mechanism noises; the server's test split is evaluated "
+             "every round")
+        fraction_evaluate = 0.0
     # audit.jsonl (append-only, hash-chained) and the PNG plots, after every round.
     audit = AuditTrail(run_dir, recorder.config)
     recorder.listeners += [audit, RunPlots(run_dir)]
@@ -144,7 +154,7 @@ def run_server(
         norm_bound=cfg.strategy.get("norm_bound"),
         server_lr=float(cfg.strategy.server_lr),
         fraction_fit=float(fed.fraction_fit),
-        fraction_evaluate=float(fed.fraction_evaluate),
+        fraction_evaluate=fraction_evaluate,
         min_fit_clients=int(fed.min_fit_clients),
         min_evaluate_clients=int(fed.min_evaluate_clients),
         min_available_clients=int(fed.min_available_clients),
@@ -182,13 +192,22 @@ def run_server(
     fit_workflow = None
     if secure_enabled(cfg):
         max_examples = max_client_examples(cfg, task, int(fed.num_clients))
-        fit_workflow = secagg_workflow(secure_settings(cfg, max_examples), client_dp=strategy.client_dp is not None)
+        settings = secure_settings(cfg, max_examples)
+        fit_workflow = secagg_workflow(settings, client_dp=strategy.client_dp is not None)
+        # A public bound, from the settings alone (no client reports its own error).
+        echo(f"SecAgg+: deltas clipped to L2 norm {settings.clipping_norm:g} before masking; quantization error "
+             f"< {settings.quantization_step:.2e} per coordinate of each weighted delta (one of {settings.quantization_range} levels)")
+    # Under client-level DP Flower's own log lines must not count the participants.
+    log_filter = None if release.participation_public else hide_participation_in_logs()
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except RoundFailed as err:
         # Recorded and checkpointed already: stop here, resumable.
         recorder.stop(str(err))
         raise
+    finally:
+        if log_filter is not None:
+            logging.getLogger("flwr").removeFilter(log_filter)
 
     set_arrays(bundle.model, bundle.names, strategy.global_arrays)
     adapter_dir = Path(run_dir) / "adapter"

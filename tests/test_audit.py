@@ -168,7 +168,10 @@ def test_strategy_reports_sampling_and_krum_choice_by_client_id(tmp_path):
     assert set(agg["decisions"]["scores"]) == {"0", "1", "2", "3", "4"}
 
 
-def test_client_level_dp_round_records_poisson_sampling_and_every_client_epsilon(tmp_path):
+def test_client_level_dp_audit_holds_every_client_epsilon_and_no_participant(tmp_path):
+    """Under client-level DP who was sampled is secret: the audit log has the mechanism
+    and the every-client epsilon; the Poisson draw and the per-client decisions are only
+    in the server-internal record."""
     from omegaconf import OmegaConf
 
     from fedlora.privacy.calibration import plan_client_dp
@@ -192,9 +195,15 @@ def test_client_level_dp_round_records_poisson_sampling_and_every_client_epsilon
         rec.on_evaluate(rnd, 0.5, {"accuracy": 0.6})
     lines = [json.loads(line) for line in (tmp_path / AUDIT_FILE).read_text().splitlines()]
     r1, r2 = lines[1], lines[2]
-    assert r1["sampled"]["method"] == "poisson" and r1["sampled"]["sample_rate"] == 0.5
-    assert sorted(r1["sampled"]["clients"]) == sorted(c["cid"] for c in r1["clients"])
-    assert r1["aggregation"]["rule"].startswith("gaussian_fedavg") and "clipped_count" in r1["aggregation"]["decisions"]
+    for line in (r1, r2):
+        assert not {"sampled", "clients", "failures", "aggregation"} & set(line), sorted(line)
+        assert "clipped_updates" not in line["client_dp"] and line["client_dp"]["sample_rate"] == 0.5
+    internal = [json.loads(x) for x in (tmp_path / "server_internal" / "rounds.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in internal] == [1, 2]
+    assert internal[0]["sampled"]["method"] == "poisson" and internal[0]["sampled"]["sample_rate"] == 0.5
+    assert sorted(internal[0]["sampled"]["clients"]) == sorted(c["cid"] for c in internal[0]["clients"])
+    assert internal[0]["aggregation"]["rule"].startswith("gaussian_fedavg")
+    assert "clipped_count" in internal[0]["aggregation"]["decisions"]
     every = r2["privacy"]["clients"]["all"]
     assert every["unit"] == "client" and every["delta"] == 1e-3
     assert every["epsilon_before"] == pytest.approx(r1["privacy"]["clients"]["all"]["epsilon_after"])

@@ -3,6 +3,7 @@ under attack. Each run is a subprocess, like a user's command line."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def _run(tmp_path, *overrides):
     cmd = [sys.executable, "-m", "simulations.run", *TINY, *overrides, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads((tmp_path / "results.json").read_text())
+    # The console: our lines on stdout, Flower's log on stderr.
+    return proc.stdout + proc.stderr, json.loads((tmp_path / "results.json").read_text())
 
 
 def test_client_level_dp_run(tmp_path):
@@ -88,17 +90,52 @@ def test_secaggplus_with_client_level_dp(tmp_path):
         tmp_path, "secure=secaggplus", "privacy=client", "privacy.noise_seed=0", "federation.num_clients=4",
         "federation.rounds=2",
     )
-    assert "SecAgg+ quantization error" in out
+    # The quantization error is published as its bound from the settings, not per client.
+    assert "SecAgg+: deltas clipped to L2 norm 0.5" in out and "per coordinate" in out
     rounds = [r for r in res["rounds"] if r["round"] > 0]
     for r in rounds:
-        assert r["num_accepted"] == 4
-        # Clients clipped to C before masking; the quantizer's error was measured.
-        assert all("secure_clipped" in c for c in r["clients"])
-        assert 0 < r["secagg_quantization_error"] < 1e-3
+        assert "clients" not in r and "num_accepted" not in r  # who took part is secret
         assert r["client_dp"]["clipping_norm"] == 0.5
+    internal = [json.loads(x) for x in (tmp_path / "server_internal" / "rounds.jsonl").read_text().splitlines()]
+    assert [len(x["clients"]) for x in internal] == [4, 4]  # q = 1: everyone, every round
+    assert all(set(c) <= {"cid", "partition_id", "privacy_unit", "steps", "probe_steps", "num_examples", "node_id",
+                          "bytes_up", "bytes_down", "accepted"} for x in internal for c in x["clients"])
     assert res["final"]["epsilon"] > 0 and len(res["privacy_ledger"]["entries"]) == 2
 
 
+def test_client_level_dp_publishes_no_participant_anywhere(tmp_path):
+    """Under client-level DP the Poisson draw is secret: results.json, the audit log,
+    the W&B history and the console hold no per-round participant list or count; the
+    server-internal record holds them."""
+    out, res = _run(
+        tmp_path, "privacy=client", "federation.num_clients=6", "federation.fraction_fit=0.5",
+        "federation.min_fit_clients=1", "federation.rounds=2", "privacy.delta=1e-3", "tracking=wandb",
+    )
+    internal = [json.loads(x) for x in (tmp_path / "server_internal" / "rounds.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in internal] == [1, 2]
+    drawn = [x["sampled"]["clients"] for x in internal]
+    assert all(x["sampled"]["method"] == "poisson" for x in internal)
+    assert "SERVER-INTERNAL" in (tmp_path / "server_internal" / "README.txt").read_text()
+    for r in res["rounds"]:
+        assert not {"clients", "sampled", "failures", "num_accepted", "num_rejected", "bytes_up", "bytes_down",
+                    "aggregation"} & set(r), sorted(r)
+        assert "clipped_updates" not in r.get("client_dp", {})
+    for line in (tmp_path / "audit.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert not {"clients", "sampled", "failures", "aggregation"} & set(record), record["event"]
+    wandb_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert wandb_files
+    for path in wandb_files:
+        data = path.read_bytes()
+        assert b"clients/" not in data and b"traffic/" not in data and b"server/aggregation_s" not in data
+        assert b"privacy/epsilon_client_level" in data  # the file is readable and holds the rounds
+    assert not (tmp_path / "participation.png").exists()
+    for phrase in ("strategy sampled", "received", "clients ok", "rejected update", "client failure"):
+        assert phrase not in out, phrase
+    # Only the public banner (federation size, expected clients per round) counts clients.
+    console = "\n".join(x for x in out.splitlines() if "clients x" not in x and "clients/round" not in x)
+    assert not re.search(r"\b\d+ (clients?|results|failures)\b", console), re.findall(r".*\d+ clients?.*", console)
+    assert any(drawn)
 def test_killed_server_resumes_and_epsilon_continues(tmp_path):
     cmd = [sys.executable, "-m", "simulations.run", *TINY, "federation.num_clients=2", "federation.rounds=3",
            f"hydra.run.dir={tmp_path}"]

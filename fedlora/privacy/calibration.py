@@ -25,6 +25,8 @@ class DPPlan:
     sample_rate: float
     noise_multiplier: float
     steps_per_round: int  # probe steps + fine-tuning steps
+    # Opacus's normaliser of the noisy sum, q * n of the declared size: a public constant.
+    expected_batch_size: int
     probe_steps: int
     planned_rounds: int
     max_grad_norm: float
@@ -64,6 +66,26 @@ def probe_steps(train_cfg: Any) -> int:
     if steps < 0:
         raise ConfigError("train.probe_steps", f"must be >= 0, got {steps}")
     return steps
+
+
+def declared_examples(privacy_cfg: Any, train_size: int, num_clients: int, validation_fraction: float) -> int:
+    """The training-set size every client declares under sample-level DP (public).
+
+    Each client's sample rate q = B / n, its steps per round and the delta < 1/n check
+    are derived from this declared size, and it is the client's FedAvg weight, so the
+    client's real size is never published: the add/remove-one analysis of Poisson
+    sampling at the public rate q holds (a published real n would not be covered by it).
+    ``privacy.declared_examples`` sets it; the default is the training part of the mean
+    shard of the configured dataset (its size and the federation's are public), which is
+    every client's real size under an IID split.
+    """
+    given = privacy_cfg.get("declared_examples")
+    if given is not None:
+        if int(given) < 1:
+            raise ConfigError("privacy.declared_examples", f"must be >= 1 (or null), got {given}")
+        return int(given)
+    shard = max(1, int(train_size) // max(1, int(num_clients)))
+    return shard - min(int(round(float(validation_fraction) * shard)), shard - 1)
 
 
 def check_budget(target_epsilon: float, delta: float) -> None:
@@ -136,6 +158,7 @@ def plan_sample_dp(
         sample_rate=sample_rate,
         noise_multiplier=sigma,
         steps_per_round=steps,
+        expected_batch_size=max(1, round(sample_rate * num_examples)),
         probe_steps=probe,
         planned_rounds=rounds,
         max_grad_norm=float(privacy_cfg.max_grad_norm),
