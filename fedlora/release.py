@@ -99,8 +99,9 @@ class ReleasePolicy:
         return self.unit != "client"
 
     def split_round(self, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(published, server-internal) parts of one round record."""
-        if self.participation_public:
+        """(published, server-internal) parts of one round record (round 0, the initial
+        evaluation, has no participants)."""
+        if self.participation_public or not record.get("round"):
             return record, {}
         public = {k: v for k, v in record.items() if k not in PARTICIPATION_KEYS}
         internal = {k: record[k] for k in PARTICIPATION_KEYS if k in record}

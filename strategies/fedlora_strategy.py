@@ -252,7 +252,7 @@ class FedLoRAStrategy(Strategy):
         self.started_round = server_round
         if self.on_round_start is not None:
             self.on_round_start(server_round, self)
-        self._instructions = self._configure_fit(server_round, client_manager)
+        self._instructions = self._with_histories(server_round, self._configure_fit(server_round, client_manager))
         return self._instructions
 
     @contextlib.contextmanager
@@ -271,7 +271,7 @@ class FedLoRAStrategy(Strategy):
         ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
         self.bytes_down_per_client = payload_bytes(ins.parameters)
         if self.client_dp is not None:
-            return self._with_histories(server_round, self._configure_poisson(server_round, client_manager, ins))
+            return self._configure_poisson(server_round, client_manager, ins)
         # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
         client_manager.wait_for(self.min_available_clients)
         eligible = client_manager.num_available() - len(self.exhausted)
@@ -285,7 +285,7 @@ class FedLoRAStrategy(Strategy):
         )
         self._notify("on_sample", server_round, [c.cid for c in clients], method="uniform without replacement",
                      fraction_fit=self.fraction_fit, eligible=eligible, excluded_out_of_budget=sorted(self.exhausted))
-        return self._with_histories(server_round, [(c, ins) for c in clients])
+        return [(c, ins) for c in clients]
 
     def _with_histories(
         self, server_round: int, instructions: list[tuple[ClientProxy, FitIns]]

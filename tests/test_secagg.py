@@ -151,8 +151,7 @@ class _DPClient(NumPyClient):
         self.pid = pid
 
     def fit(self, parameters, config):
-        delta, clipped, qerr = prepare_update(_big_delta(self.pid), 1, DP_SETTINGS)
-        return delta, 1, {"partition_id": self.pid, "secure_clipped": clipped, "quantization_error": qerr}
+        return prepare_update(_big_delta(self.pid), DP_SETTINGS), 1, {"partition_id": self.pid}
 
 
 def _noiseless_plan(num_clients, sample_rate=1.0):
