@@ -10,31 +10,28 @@ took part in, across restarts of the server or of the node.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from flwr.app import Context
 from flwr.client import NumPyClient
 
-from fedlora.attacks import COLLUDING, MODEL_POISONING, alie_z, flip_labels, malicious_clients, poison_delta
-from fedlora.config import plain_config, seed_for
-from fedlora.data import TaskData, client_split, partition_indices
-from fedlora.data.sources import load_node_data, load_task_data_cached
+from fedlora.attacks import COLLUDING, MODEL_POISONING, alie_z, flip_labels, poison_delta
+from fedlora.client_state import EXPERIMENT_KEY, HISTORY_KEY, SpendLog, state_dir
+from fedlora.config import seed_for
+from fedlora.data import TaskData, client_split
+from fedlora.data.sources import load_node_data
 from fedlora.errors import ConfigError
 from fedlora.lora import flatten, get_arrays, probe_parts, set_arrays, subtract, unflatten
-from fedlora.privacy.calibration import clients_per_round, declared_examples
-from fedlora.release import ReleasePolicy
-from fedlora.privacy.budgets import client_epsilon
-from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, plan_sample_dp, probe_steps
+from fedlora.plan import ExperimentPlan, config_key, weight_examples
+from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
+from fedlora.privacy.randomness import NOISE, SAMPLING
+from fedlora.reply import FitReply
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
-from fedlora.client_state import EXPERIMENT_KEY, HISTORY_KEY, SpendLog, state_dir
-from fedlora.privacy.randomness import NOISE, SAMPLING, NoiseSource
-from fedlora.secure import prepare_update, secure_enabled, secure_settings
+from fedlora.secure import prepare_update
 from fedlora.training import (
     DPGenerators,
     TrainStats,
@@ -49,68 +46,21 @@ from fedlora.training import (
 ATTACK_SALT = 0xA77AC
 
 
-def config_key(cfg: Any) -> str:
-    """A config group as canonical JSON: a hashable cache key, identical in every process."""
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
-
-
-@functools.lru_cache(maxsize=4)
-def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: int):
-    task = load_task_data_cached(json.loads(data_key), seed)
-    return partition_indices(task.train, num_partitions, OmegaConf.create(json.loads(partition_key)))
-
-
-def client_indices(cfg: Any, task: TaskData, partition_id: int, num_partitions: int):
-    """(train, validation) row indices of one client, identical in every process."""
-    parts = _partitions(config_key(cfg.data), config_key(cfg.partition), num_partitions, int(cfg.seed))
-    return client_split(
-        parts[partition_id], float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
-    )
-
-
-def weight_examples(cfg: Any, federation_train_size: int, actual: int) -> int:
-    """A client's training-set size as the run uses and reports it: its DP plan and its
-    FedAvg weight. Under sample-level DP the declared public size
-    (:func:`fedlora.privacy.calibration.declared_examples`), never the real one; under
-    client-level DP 1 (every client weighs the same in DP-FedAvg); without DP the real size."""
-    unit = str(cfg.privacy.unit)
-    if unit == "sample":
-        return declared_examples(cfg.privacy, federation_train_size, int(cfg.federation.num_clients),
-                                 float(cfg.data.validation_fraction))
-    return 1 if unit == "client" else int(actual)
-
-
-def max_client_examples(cfg: Any, task: TaskData, num_partitions: int) -> int:
-    """The largest FedAvg weight of any client (SecAgg+'s ``max_weight``)."""
-    return max(weight_examples(cfg, len(task.train), len(client_indices(cfg, task, p, num_partitions)[0]))
-               for p in range(num_partitions))
-
-
-def client_plan(cfg: Any, num_examples: int, partition_id: int = 0) -> DPPlan | None:
-    """The sample-level DP plan of a client whose (declared) training-set size is
-    ``num_examples``; None without sample-level DP."""
-    if cfg.privacy.unit != "sample":
-        return None
-    eps = client_epsilon(cfg.privacy, partition_id, int(cfg.federation.num_clients))
-    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds), eps)
-
-
 class LoRAClient(NumPyClient):
     """One data holder. Holds only its own shard; the model is per-process."""
 
     def __init__(
-        self, cfg: Any, partition_id: int, num_partitions: int, state_dir: Path | str, data_path: str | None = None
+        self, plan: ExperimentPlan, partition_id: int, state_dir: Path | str, data_path: str | None = None
     ) -> None:
-        self.cfg = cfg
+        self.plan = plan
+        self.cfg = cfg = plan.cfg
         self.partition_id = partition_id
         self.state_dir = Path(state_dir)
-        self.task = load_task_data_cached(cfg.data, int(cfg.seed))
-        self.release = ReleasePolicy.from_config(cfg)
-        federation_train_size = len(self.task.train)  # the configured dataset's: public
-        self.num_partitions = num_partitions
+        self.task = plan.task_data()
+        mine = plan.client(partition_id)
         # What the rows come from: the model bundle (and its shard cache) outlives one
         # experiment's data settings within a process.
-        self.data_key = (config_key(cfg.data), config_key(cfg.partition), num_partitions, data_path, int(cfg.seed))
+        self.data_key = (config_key(cfg.data), config_key(cfg.partition), plan.num_clients, data_path, int(cfg.seed))
         if data_path:
             # The node's own file replaces its shard of the configured dataset.
             rows = load_node_data(data_path, cfg.data, self.task.label_names)
@@ -118,13 +68,15 @@ class LoRAClient(NumPyClient):
             self.train_idx, self.val_idx = client_split(
                 np.arange(len(rows)), float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
             )
+            # Its weight: the declared size under DP (the plan's), its real size without.
+            self.num_examples = weight_examples(cfg, plan.federation_train_size, len(self.train_idx))
         else:
-            self.train_idx, self.val_idx = client_indices(cfg, self.task, partition_id, num_partitions)
+            self.train_idx, self.val_idx = mine.train_indices, mine.val_indices
+            self.num_examples = mine.num_examples
+        self.dp = mine.dp
         self.attack = str(cfg.attack.name)
-        self.colluders = malicious_clients(cfg.attack, int(cfg.federation.num_clients))
-        self.malicious = partition_id in self.colluders
-        # The size this client's plan and FedAvg weight use (declared under sample-level DP).
-        self.num_examples = weight_examples(cfg, federation_train_size, len(self.train_idx))
+        self.colluders = plan.malicious
+        self.malicious = mine.malicious
 
     # -- helpers ---------------------------------------------------------------
     def _bundle(self) -> ModelBundle:
@@ -135,7 +87,8 @@ class LoRAClient(NumPyClient):
         if pid == self.partition_id:
             idx = self.train_idx if split == "train" else self.val_idx
         else:
-            idx = client_indices(self.cfg, self.task, pid, self.num_partitions)[0 if split == "train" else 1]
+            other = self.plan.client(pid)
+            idx = other.train_indices if split == "train" else other.val_indices
         flip = split == "train" and self.attack == "label_flip" and pid in self.colluders
         key = (self.data_key, split, pid, flip)
         return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
@@ -161,7 +114,7 @@ class LoRAClient(NumPyClient):
         shuffle = torch.Generator().manual_seed(seed)
         secret = None
         if plan is not None:
-            noise = NoiseSource.from_config(cfg.privacy)
+            noise = self.plan.noise
             secret = DPGenerators(noise=noise.torch_generator(pid, server_round, NOISE),
                                   sampling=noise.torch_generator(pid, server_round, SAMPLING))
         n_probe = probe_steps(cfg.train)
@@ -189,7 +142,7 @@ class LoRAClient(NumPyClient):
                 continue
             set_arrays(bundle.model, bundle.names, parameters)
             data = self._data(bundle, "train", pid)
-            self._train(bundle, data, client_plan(self.cfg, self.num_examples, pid), pid, server_round)
+            self._train(bundle, data, self.plan.client(pid).dp, pid, server_round)
             rows.append(flatten(subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])))
         return np.stack(rows)
 
@@ -201,7 +154,7 @@ class LoRAClient(NumPyClient):
         if self.attack in COLLUDING:
             honest = self._colluders_honest_deltas(bundle, parameters, flat, server_round)
             if self.attack == "alie" and params.get("z") is None:
-                params["z"] = alie_z(clients_per_round(cfg), len(self.colluders))
+                params["z"] = alie_z(self.plan.clients_per_round, len(self.colluders))
         rng = np.random.default_rng(seed_for(cfg.seed, self.partition_id, server_round, ATTACK_SALT))
         return unflatten(poison_delta(self.attack, flat, params, rng, honest), delta)
 
@@ -219,80 +172,65 @@ class LoRAClient(NumPyClient):
         return get_arrays(bundle.model, bundle.names)
 
     def fit(self, parameters, config):
-        cfg = self.cfg
         server_round = int(config.get("server_round", 0))
         bundle = self._bundle()
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "train")
-        plan = client_plan(cfg, self.num_examples, self.partition_id)
-        metrics: dict[str, Any] = {"partition_id": self.partition_id, "privacy_unit": cfg.privacy.unit,
-                                   "num_examples": self.num_examples}
-        log, history = None, []
+        plan = self.dp
+        reply = FitReply(partition_id=self.partition_id, privacy_unit=self.plan.unit, num_examples=self.num_examples)
         if plan is not None:
             log = self.spend_log(config)
             server_history = json.loads(str(config[HISTORY_KEY])) if config.get(HISTORY_KEY) else None
-            history, refused = log.adopt(server_history)
-            if refused:
-                metrics["history_refused"] = refused
-            spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
-            planned = [h[:3] for h in history] + [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
-            if epsilon_from_history(planned, plan.delta, plan.accountant) > plan.target_epsilon:
+            history, reply.history_refused = log.adopt(server_history)
+            # This round's spend: the plan fixes its steps (probe + fine-tuning).
+            entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, server_round)
+            after = epsilon_from_history([h[:3] for h in history + [entry]], plan.delta, plan.accountant)
+            if after > plan.target_epsilon:
                 # Never spend past the budget: decline with a reply, train nothing.
-                metrics.update(
-                    declined=True,
-                    reason=f"privacy budget: eps {spent:.4f} spent of {plan.target_epsilon:g}; "
-                    "another round would exceed it",
-                    steps=0,
-                    **self._privacy_metrics(plan, history, spent),
-                )
-                return [np.zeros_like(np.asarray(p)) for p in parameters], 0, self.release.reply(metrics)
+                spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
+                reply.declined = True
+                reply.reason = (f"privacy budget: eps {spent:.4f} spent of {plan.target_epsilon:g}; "
+                                "another round would exceed it")
+                self._privacy(reply, plan, history, spent)
+                return [np.zeros_like(np.asarray(p)) for p in parameters], 0, reply.to_metrics(self.plan.release)
         probe, stats = self._train(bundle, data, plan, self.partition_id, server_round)
-        steps = probe.steps + stats.steps
+        reply.steps, reply.probe_steps = probe.steps + stats.steps, probe.steps
+        reply.train_loss = stats.loss if stats.steps else probe.loss
         delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
         if self.malicious:
-            metrics["attack"] = self.attack
+            reply.attack = self.attack
             if self.attack in MODEL_POISONING:
                 delta = self._poison(bundle, parameters, delta, server_round)
         # Sent only where the policy allows it (without DP, or the norm of a noised update).
-        metrics["update_norm"] = float(np.linalg.norm(flatten(delta)))
-        if secure_enabled(cfg):
+        reply.update_norm = float(np.linalg.norm(flatten(delta)))
+        if self.plan.secagg is not None:
             delta = self._prepare_secure(delta)
         if plan is not None:
             # Recorded (fsync'd) before the update leaves: a server that dies before it
             # aggregates cannot make this client forget the spend.
-            entry = (plan.noise_multiplier, plan.sample_rate, steps, server_round)
             log.append([entry])
-            history = history + [entry]
-            spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
-            metrics.update(max_grad_norm=plan.max_grad_norm, **self._privacy_metrics(plan, history, spent))
-        metrics.update(steps=steps, probe_steps=probe.steps, train_loss=stats.loss if stats.steps else probe.loss)
-        return delta, self.num_examples, self.release.reply(metrics)
+            self._privacy(reply, plan, history + [entry], after)
+        return delta, self.num_examples, reply.to_metrics(self.plan.release)
 
     @staticmethod
-    def _privacy_metrics(plan: DPPlan, history: list, spent: float) -> dict[str, Any]:
-        """The client's privacy facts in its reply: its plan, its epsilon and its whole own
+    def _privacy(reply: FitReply, plan: DPPlan, history: list, spent: float) -> None:
+        """The client's privacy facts: its public plan, its epsilon and its whole own
         history (the server's ledger is the union of these and its checkpoint)."""
-        return {
-            "epsilon": spent,
-            "delta": plan.delta,
-            "sample_rate": plan.sample_rate,
-            "noise_multiplier": plan.noise_multiplier,
-            "accountant": plan.accountant,
-            "budget_epsilon": plan.target_epsilon,
-            "total_steps": int(sum(h[2] for h in history)),
-            HISTORY_KEY: json.dumps([list(h) for h in history]),
-        }
+        reply.epsilon, reply.delta, reply.accountant = spent, plan.delta, plan.accountant
+        reply.sample_rate, reply.noise_multiplier, reply.max_grad_norm = (
+            plan.sample_rate, plan.noise_multiplier, plan.max_grad_norm)
+        reply.budget_epsilon = plan.target_epsilon
+        reply.total_steps = int(sum(h[2] for h in history))
+        reply.dp_history = list(history)
 
     def _prepare_secure(self, delta):
         """Before SecAgg+ masks it: clip the delta to the quantizer's range (fixed clipping,
         as Flower's clipping mods do). Nothing about the single update is reported: SecAgg+
         exists to hide it."""
-        cfg = self.cfg
-        settings = secure_settings(cfg, max_client_examples(cfg, self.task, self.num_partitions))
-        return prepare_update(delta, settings)
+        return prepare_update(delta, self.plan.secagg)
 
     def evaluate(self, parameters, config):
-        if not self.release.client_evaluation:
+        if not self.plan.release.client_evaluation:
             # Loss and accuracy on this client's validation data are statistics of private
             # data that no mechanism noises: not released under DP (the server does not ask).
             return 0.0, 0, {"partition_id": self.partition_id}
@@ -305,10 +243,11 @@ class LoRAClient(NumPyClient):
         return loss, len(data), {"accuracy": acc, "partition_id": self.partition_id}
 
 
-def node_identity(node_config: Any, num_clients: int) -> tuple[int, int, str | None]:
-    """(client id, number of partitions, own data file) from a SuperNode's ``--node-config``:
-    ``partition-id`` (the client id in budgets, seeds and reports) with either
-    ``num-partitions`` (a shard of the configured dataset) or ``data-path`` (its own file)."""
+def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:
+    """(client id, own data file) from a SuperNode's ``--node-config``: ``partition-id``
+    (the client id in budgets, seeds and reports) with either ``num-partitions`` (a shard
+    of the configured dataset, which must be the federation's ``num_clients`` shards) or
+    ``data-path`` (its own file)."""
     if "partition-id" not in node_config:
         raise ConfigError(
             "node-config", "partition-id is missing; start the SuperNode with --node-config "
@@ -319,21 +258,25 @@ def node_identity(node_config: Any, num_clients: int) -> tuple[int, int, str | N
     if "num-partitions" not in node_config and data_path is None:
         raise ConfigError("node-config", "give num-partitions=<n> (a shard of the configured dataset) or data-path=<file>")
     num = int(node_config.get("num-partitions", num_clients))
+    if num != num_clients:
+        raise ConfigError(
+            "node-config", f"num-partitions={num} but the experiment has federation.num_clients={num_clients}: "
+            "every node must hold one of the same num_clients shards the server planned for"
+        )
     if not 0 <= pid < num:
         raise ConfigError("node-config", f"partition-id={pid} must lie in [0, num-partitions={num})")
-    return pid, num, data_path
+    return pid, data_path
 
 
-def make_client_fn(cfg: Any, default_state_dir: Path | str | None = None):
-    """Flower's ``client_fn``; the node's spend records go under its ``state-dir``
-    (node config), else ``default_state_dir`` (a simulation's run dir), else
-    ``$FLWR_HOME/fedlora-client-state``."""
-    cfg = plain_config(cfg)
+def make_client_fn(plan: ExperimentPlan, default_state_dir: Path | str | None = None):
+    """Flower's ``client_fn`` for the clients of ``plan``; the node's spend records go
+    under its ``state-dir`` (node config), else ``default_state_dir`` (a simulation's run
+    dir), else ``$FLWR_HOME/fedlora-client-state``."""
 
     def client_fn(context: Context):
-        torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
-        pid, num, data_path = node_identity(context.node_config, int(cfg.federation.num_clients))
+        torch.set_num_threads(max(1, int(plan.cfg.federation.client_resources.num_cpus)))
+        pid, data_path = node_identity(context.node_config, plan.num_clients)
         root = state_dir(context.node_config, default_state_dir)
-        return LoRAClient(cfg, pid, num, root, data_path).to_client()
+        return LoRAClient(plan, pid, root, data_path).to_client()
 
     return client_fn

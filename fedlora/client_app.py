@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
@@ -12,6 +11,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedlora.client import make_client_fn
 from fedlora.config import compose_overrides
+from fedlora.plan import ExperimentPlan, build_plan_cached
 
 
 def secure_mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -22,14 +22,15 @@ def secure_mod(msg: Message, ctxt: Context, call_next) -> Message:
     return call_next(msg, ctxt)
 
 
-def make_client_app(cfg: Any, state_dir: Path | str | None = None) -> ClientApp:
+def make_client_app(plan: ExperimentPlan, state_dir: Path | str | None = None) -> ClientApp:
     """The ClientApp of a simulation: clients' spend records under ``state_dir``."""
-    return ClientApp(client_fn=make_client_fn(cfg, state_dir), mods=[secure_mod])
+    return ClientApp(client_fn=make_client_fn(plan, state_dir), mods=[secure_mod])
 
 
 def _deployed_client_fn(context: Context):
-    cfg = compose_overrides(str(context.run_config.get("overrides", "")))
-    return make_client_fn(cfg)(context)
+    # The same plan the ServerApp built, rebuilt here from the same overrides.
+    plan = build_plan_cached(compose_overrides(str(context.run_config.get("overrides", ""))))
+    return make_client_fn(plan)(context)
 
 
 # `flwr run .` entry point (pyproject [tool.flwr.app.components]).

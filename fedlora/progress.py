@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from fedlora.errors import ConfigError
-from fedlora.results import PRIVACY_UNIT_LABEL
+from fedlora.privacy.units import LABEL
 
 PROGRESS_MODES = ("auto", "bar", "plain")
 
@@ -52,7 +52,7 @@ def postfix_text(record: dict[str, Any], privacy_unit: str, delta: float | None)
     else:
         eps = record.get("epsilon")
         eps_text = "n/a" if eps is None else f"{eps:.3f}"
-        parts.append(f"eps {eps_text} ({PRIVACY_UNIT_LABEL[privacy_unit]}, delta={delta:g})")
+        parts.append(f"eps {eps_text} ({LABEL[privacy_unit]}, delta={delta:g})")
     return " | ".join(parts)
 
 

@@ -14,23 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.atomic import write_atomic
-from fedlora.client_state import HISTORY_KEY
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
+from fedlora.privacy.units import CLIENT, LABEL, NONE, SCOPE
 from fedlora.release import INTERNAL_DIR, INTERNAL_NOTE, ReleasePolicy
 
-PRIVACY_UNIT_LABEL = {"sample": "sample-level", "client": "client-level", "none": "no DP"}
 # Sample-level: each client holds its own guarantee and the federation reports the
 # worst; client-level: one guarantee covers every client.
-EPSILON_SCOPE = {"sample": "max over clients", "client": "every client"}
 
 
 def epsilon_text(epsilon: float | None, delta: float | None, unit: str) -> str:
     """An epsilon as it must always be shown: with its delta and its privacy unit."""
-    if unit == "none":
+    if unit == NONE:
         return "no DP (epsilon = infinity)"
     if epsilon is None:
-        return f"eps n/a ({PRIVACY_UNIT_LABEL[unit]})"
-    return f"eps {epsilon:.3f} (delta={delta:g}, {PRIVACY_UNIT_LABEL[unit]}, {EPSILON_SCOPE[unit]})"
+        return f"eps n/a ({LABEL[unit]})"
+    return f"eps {epsilon:.3f} (delta={delta:g}, {LABEL[unit]}, {SCOPE[unit]})"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -108,7 +106,6 @@ class RunRecorder:
         self.release = release or ReleasePolicy(unit=privacy_unit)
         self.internal = InternalRecord(self.run_dir) if not self.release.participation_public else None
         self.rounds: dict[int, dict[str, Any]] = {}
-        self.client_epsilon: dict[str, float] = {}
         self.ledger = PrivacyLedger()
         self.final: dict[str, Any] | None = None
         # Which clients were malicious and how (robustness experiments), for auditing.
@@ -135,30 +132,29 @@ class RunRecorder:
                 handler(*args, self)
 
     def restore(self, payload: dict[str, Any], ledger: PrivacyLedger, up_to_round: int) -> None:
-        """Continue a run: its ``results.json`` rounds up to the checkpoint, the
-        checkpoint's ledger (never reset) and each client's last reported epsilon."""
+        """Continue a run: its ``results.json`` rounds up to the checkpoint and the
+        checkpoint's ledger (never reset; every epsilon comes from it)."""
         self.rounds = {int(r["round"]): r for r in payload.get("rounds", []) if int(r["round"]) <= up_to_round}
         self.ledger = ledger
         self.attack = payload.get("attack", self.attack)
-        for r in sorted(self.rounds):
-            for c in self.rounds[r].get("clients", []):
-                if c.get("epsilon") is not None:
-                    self.client_epsilon[str(c["cid"])] = float(c["epsilon"])
         self.resumed_from = up_to_round
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
 
+    def client_epsilons(self) -> dict[str, float]:
+        """Each client's own (sample-level) epsilon, from the ledger."""
+        return {c: self.ledger.epsilon(c, self.accountant) for c in self.ledger.clients() if c != EVERY_CLIENT}
+
     def epsilon(self) -> float | None:
-        """The federation's epsilon in its unit: sample-level, the largest over clients
-        (each holds its own); client-level, the server's guarantee for every client."""
-        if self.privacy_unit == "client":
-            if not self.ledger.entries:
-                return None
-            return self.ledger.epsilon(EVERY_CLIENT, self.accountant)
-        if self.privacy_unit == "none" or not self.client_epsilon:
+        """The federation's epsilon in its unit, from the ledger: sample-level, the largest
+        over clients (each holds its own); client-level, the server's guarantee for every
+        client."""
+        if not self.ledger.entries or self.privacy_unit == NONE:
             return None
-        return max(self.client_epsilon.values())
+        if self.privacy_unit == CLIENT:
+            return self.ledger.epsilon(EVERY_CLIENT, self.accountant)
+        return max(self.client_epsilons().values(), default=None)
 
     def on_client_dp(self, server_round: int, plan: Any, clipped: int) -> None:
         """One round of the server's client-level Gaussian mechanism, for every client."""
@@ -166,7 +162,7 @@ class RunRecorder:
             LedgerEntry(
                 client=EVERY_CLIENT,
                 round=int(server_round),
-                unit="client",
+                unit=CLIENT,
                 noise_multiplier=float(plan.noise_multiplier),
                 sample_rate=float(plan.sample_rate),
                 steps=1,
@@ -205,10 +201,11 @@ class RunRecorder:
             # A client that trained spent budget whether or not its update was accepted.
             # Its reply carries its whole own record: rounds the ledger lacks (trained in a
             # round the server did not finish) join it, so the ledger is the union.
-            if info.get(HISTORY_KEY):
-                self._merge_history(str(info["cid"]), json.loads(str(info.pop(HISTORY_KEY))), info)
-            if info.get("epsilon") is not None:
-                self.client_epsilon[str(info["cid"])] = float(info["epsilon"])
+            history = info.pop("dp_history", None)
+            if history:
+                self._merge_history(str(info["cid"]), history, info)
+                # The ledger is the one source of epsilon: the record shows its value.
+                info["epsilon"] = self.ledger.epsilon(str(info["cid"]), self.accountant, server_round)
         rec = self._round(server_round)
         rec["fit_recorded"] = True
         rec["clients"] = clients
@@ -254,7 +251,7 @@ class RunRecorder:
         rec["loss"] = _finite(float(loss))
         rec["accuracy"] = _finite(float(metrics.get("accuracy", math.nan)))
         rec["epsilon"] = self.epsilon()
-        rec["privacy_unit"] = PRIVACY_UNIT_LABEL[self.privacy_unit]
+        rec["privacy_unit"] = LABEL[self.privacy_unit]
         rec["elapsed_s"] = round(time.time() - self.start, 3)
         public, internal = self.release.split_round(rec)
         self.echo(self._progress_line(public))
@@ -302,11 +299,11 @@ class RunRecorder:
             "accuracy": last.get("accuracy"),
             "loss": last.get("loss"),
             "epsilon": self.epsilon(),
-            "delta": self.delta if self.privacy_unit != "none" else None,
+            "delta": self.delta if self.privacy_unit != NONE else None,
             "privacy_unit": self.privacy_unit,
             "rounds_completed": self.rounds_completed(),
             "wall_s": round(time.time() - self.start, 3),
-            "client_epsilon": dict(sorted(self.client_epsilon.items())),
+            "client_epsilon": self.client_epsilons(),
             "epsilon_by_accountant": self.epsilon_by_accountant(),
             "resumed_from_round": self.resumed_from,
             **extra,
@@ -326,8 +323,8 @@ class RunRecorder:
         """The guarantee the run's model was trained under, as the model card states it."""
         return {
             "unit": self.privacy_unit,
-            "unit_label": PRIVACY_UNIT_LABEL[self.privacy_unit],
-            "scope": EPSILON_SCOPE.get(self.privacy_unit, ""),
+            "unit_label": LABEL[self.privacy_unit],
+            "scope": SCOPE.get(self.privacy_unit, ""),
             "epsilon": self.epsilon(),
             "delta": self.delta,
             "accountant": self.accountant,

@@ -65,8 +65,8 @@ def secure_clipping_norm(cfg: Any) -> float:
 
 
 def secure_settings(cfg: Any, max_examples: int) -> SecAggSettings:
-    """Settings of one run; ``max_examples`` is the largest client's training set (the
-    weights are example counts; under client-level DP every client weighs 1)."""
+    """Settings of one run; ``max_examples`` is the largest FedAvg weight of any client
+    (an example count; 1 under client-level DP, where every client weighs the same)."""
     s = cfg.secure
     return SecAggSettings(
         num_shares=int(s.num_shares),
@@ -74,7 +74,7 @@ def secure_settings(cfg: Any, max_examples: int) -> SecAggSettings:
         clipping_norm=secure_clipping_norm(cfg),
         quantization_range=int(s.quantization_range),
         modulus_range=int(s.modulus_range),
-        max_weight=1.0 if cfg.privacy.unit == "client" else float(max(1, max_examples)),
+        max_weight=float(max(1, max_examples)),
         timeout=None if s.get("timeout") is None else float(s.timeout),
     )
 

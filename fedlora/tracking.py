@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from fedlora.errors import ConfigError
 from fedlora.privacy.ledger import EVERY_CLIENT
 from fedlora.progress import PROGRESS_MODES, make_progress
-from fedlora.results import PRIVACY_UNIT_LABEL
+from fedlora.privacy.units import LABEL
 
 BACKENDS = ("none", "wandb")
 MODES = ("online", "offline", "disabled")
@@ -108,14 +108,14 @@ def client_epsilon_rows(recorder: Any) -> list[list[Any]]:
                 continue
             unit = str(c.get("privacy_unit", recorder.privacy_unit))
             rows.append([
-                str(c["cid"]), int(rnd), float(c["epsilon"]), PRIVACY_UNIT_LABEL.get(unit, unit),
+                str(c["cid"]), int(rnd), float(c["epsilon"]), LABEL.get(unit, unit),
                 c.get("delta", recorder.delta), c.get("noise_multiplier"), c.get("sample_rate"),
                 c.get("steps"), bool(c.get("accepted")),
             ])
         dp = record.get("client_dp")
         if dp is not None and record.get("epsilon") is not None:
             rows.append([
-                EVERY_CLIENT, int(rnd), float(record["epsilon"]), PRIVACY_UNIT_LABEL["client"], recorder.delta,
+                EVERY_CLIENT, int(rnd), float(record["epsilon"]), LABEL["client"], recorder.delta,
                 dp.get("noise_multiplier"), dp.get("sample_rate"), 1, True,
             ])
     return rows
@@ -273,7 +273,7 @@ class WandbTracker:
             "final/loss": final.get("loss"),
             "final/rounds_completed": final.get("rounds_completed"),
             "final/wall_s": final.get("wall_s"),
-            "privacy/unit": PRIVACY_UNIT_LABEL.get(unit, unit),
+            "privacy/unit": LABEL.get(unit, unit),
             "privacy/delta": final.get("delta"),
         }
         if unit in EPSILON_KEY:
@@ -295,7 +295,7 @@ class WandbTracker:
                     "accuracy": final.get("accuracy"),
                     "epsilon": final.get("epsilon"),
                     "delta": final.get("delta"),
-                    "privacy_unit": PRIVACY_UNIT_LABEL.get(unit, unit),
+                    "privacy_unit": LABEL.get(unit, unit),
                     "rounds": final.get("rounds_completed"),
                 },
             )

@@ -83,30 +83,15 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
         cfg, run_dir = resume_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    pre = preflight(cfg)
+    plan = preflight(cfg)
     if not resume:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    fed = cfg.federation
-    plan = next((p for p in pre.plans if p is not None), None)
-    _echo(
-        f"{fed.num_clients} clients x {fed.rounds} rounds | {cfg.data.name}: "
-        f"{pre.task.meta['num_train']} train / {pre.task.meta['num_test']} test | model "
-        f"{cfg.model.name_or_path} | LoRA r={cfg.lora.r}{' (FFA)' if cfg.lora.freeze_a else ''} | "
-        + (
-            f"sample-level DP: target eps={cfg.privacy.target_epsilon}, delta={cfg.privacy.delta}, "
-            f"noise multiplier {min(p.noise_multiplier for p in pre.plans):.3f}-"
-            f"{max(p.noise_multiplier for p in pre.plans):.3f}, q~{plan.sample_rate:.3f}, "
-            f"{plan.steps_per_round} steps/round"
-            if plan
-            else client_dp_text(pre.client_dp)
-            if pre.client_dp
-            else "no DP"
-        )
-    )
-    server_app = make_server_app(cfg, run_dir, echo=_echo, resume=resume)
+    _echo(banner(plan))
+    server_app = make_server_app(plan, run_dir, echo=_echo, resume=resume)
     # Simulated clients keep their own spend records in the run dir (in deployment: on
     # each node's own disk).
-    client_app = make_client_app(cfg, state_dir=run_dir / CLIENT_STATE_DIR)
+    client_app = make_client_app(plan, state_dir=run_dir / CLIENT_STATE_DIR)
+    fed = cfg.federation
     res = fed.client_resources
     run_simulation(
         server_app=server_app,
@@ -128,6 +113,23 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     final["wall_s_total"] = round(time.time() - start, 1)
     final["run_dir"] = str(run_dir)
     return final
+
+
+def banner(plan: Any) -> str:
+    """The run's first line: federation, data, model and privacy plan."""
+    cfg, fed = plan.cfg, plan.cfg.federation
+    meta = plan.task_data().meta
+    dp = [c.dp for c in plan.clients if c.dp is not None]
+    if dp:
+        privacy = (f"sample-level DP: target eps={cfg.privacy.target_epsilon}, delta={cfg.privacy.delta}, "
+                   f"noise multiplier {min(p.noise_multiplier for p in dp):.3f}-"
+                   f"{max(p.noise_multiplier for p in dp):.3f}, q~{dp[0].sample_rate:.3f}, "
+                   f"{dp[0].steps_per_round} steps/round")
+    else:
+        privacy = client_dp_text(plan.client_dp) if plan.client_dp else "no DP"
+    return (f"{fed.num_clients} clients x {fed.rounds} rounds | {cfg.data.name}: {meta['num_train']} train / "
+            f"{meta['num_test']} test | model {cfg.model.name_or_path} | LoRA r={cfg.lora.r}"
+            f"{' (FFA)' if cfg.lora.freeze_a else ''} | {privacy}")
 
 
 def client_dp_text(plan: Any) -> str:

@@ -47,6 +47,7 @@ from strategies.client_dp import gaussian_fedavg, poisson_sample
 from fedlora.checkpoint import Checkpoint
 from fedlora.client_state import EXPERIMENT_KEY, HISTORY_KEY
 from fedlora.lora import flatten, unflatten
+from fedlora.reply import FitReply
 from strategies.validation import validate_update
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
@@ -345,17 +346,18 @@ class FedLoRAStrategy(Strategy):
         accepted: list[tuple[list[np.ndarray], int]] = []
         row_cids: list[Any] = []  # the client behind each row of the stacked updates
         for proxy, res in results:
-            info = {"cid": res.metrics.get("partition_id", proxy.cid), **res.metrics, "node_id": proxy.cid,
+            reply = FitReply.from_metrics(res.metrics, default_partition=proxy.cid)
+            info = {**reply.as_record(), "node_id": proxy.cid,
                     "bytes_up": payload_bytes(res.parameters), "bytes_down": self.bytes_down_per_client}
             self.node_clients[proxy.cid] = str(info["cid"])
             # A client that replied holds its history; it needs none from us again.
             self.pending_histories.pop(str(info["cid"]), None)
-            if res.metrics.get("declined"):
+            if reply.declined:
                 self.exhausted.add(proxy.cid)
                 info["accepted"] = False
                 clients.append(info)
                 self._log_participant(INFO, "round %s: client %s declined (%s); no longer sampled", server_round,
-                                      info["cid"], res.metrics.get("reason"))
+                                      info["cid"], reply.reason)
                 continue
             arrays = parameters_to_ndarrays(res.parameters)
             reason = validate_update(arrays, self.global_arrays)

@@ -9,26 +9,20 @@ every client (a target epsilon that needs more noise than the cap allows).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedlora.client import client_indices, client_plan, weight_examples
-from fedlora.data import TaskData
-from fedlora.data.sources import load_task_data_cached
+from fedlora.attacks import malicious_clients
 from fedlora.errors import ConfigError
-from fedlora.privacy import DPPlan
+from fedlora.plan import ExperimentPlan, build_plan
 from fedlora.privacy.budgets import check_budgets
-from fedlora.privacy.calibration import ClientDPPlan, check_budget, client_level_plan
+from fedlora.privacy.calibration import check_budget, clients_per_round
+from fedlora.privacy.units import CLIENT, NONE, SAMPLE, UNITS
 from fedlora.runtime import get_bundle
 from fedlora.secure import check_secure
 from fedlora.tracking import check_tracking
-from fedlora.attacks import malicious_clients
-from fedlora.privacy.calibration import clients_per_round
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
-
-PRIVACY_UNITS = ("none", "sample", "client")
 
 
 def aggregator_name(strategy_cfg: Any) -> str:
@@ -43,14 +37,6 @@ def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
     if OmegaConf.is_config(params):
         params = OmegaConf.to_container(params, resolve=True)
     return {k: v for k, v in params.items() if v is not None}
-
-
-@dataclass
-class Preflight:
-    task: TaskData
-    client_sizes: list[int]
-    plans: list[DPPlan | None]
-    client_dp: ClientDPPlan | None = None
 
 
 def backend_cpus(cfg: Any) -> int:
@@ -97,13 +83,13 @@ def check_federation(cfg: Any, simulation: bool = True) -> None:
             "linear probing needs model.pooling=mean; set train.probe_steps=0 for this model",
         )
     unit = str(cfg.privacy.unit)
-    if unit not in PRIVACY_UNITS:
-        raise ConfigError("privacy", f"unknown privacy unit {unit!r}; choose one of {PRIVACY_UNITS}")
-    if unit != "none":
+    if unit not in UNITS:
+        raise ConfigError("privacy", f"unknown privacy unit {unit!r}; choose one of {UNITS}")
+    if unit != NONE:
         check_budget(float(cfg.privacy.target_epsilon), float(cfg.privacy.delta))
-    if unit == "sample":
+    if unit == SAMPLE:
         check_budgets(cfg.privacy, n)
-    if unit == "client":
+    if unit == CLIENT:
         check_client_dp_aggregator(aggregator_name(cfg.strategy))
     check_aggregator(cfg)
     check_secure(cfg, clients_per_round(cfg), robust=not getattr(
@@ -152,17 +138,11 @@ def check_client_dp_aggregator(name: str) -> None:
         )
 
 
-def preflight(cfg: Any, simulation: bool = True) -> Preflight:
+def preflight(cfg: Any, simulation: bool = True) -> ExperimentPlan:
+    """Check ``cfg`` and return its experiment plan (every fact of the run, built once)."""
     check_federation(cfg, simulation)
     check_tracking(cfg)
-    task = load_task_data_cached(cfg.data, int(cfg.seed))
-    n = int(cfg.federation.num_clients)
-    sizes, plans = [], []
-    for pid in range(n):
-        train_idx, _ = client_indices(cfg, task, pid, n)
-        sizes.append(len(train_idx))
-        # Under sample-level DP the plan uses the declared size, not the real one.
-        plans.append(client_plan(cfg, weight_examples(cfg, len(task.train), len(train_idx)), pid))
+    plan = build_plan(cfg)
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
-    get_bundle(cfg, task.num_labels)
-    return Preflight(task=task, client_sizes=sizes, plans=plans, client_dp=client_level_plan(cfg))
+    get_bundle(cfg, plan.num_labels)
+    return plan

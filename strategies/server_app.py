@@ -21,38 +21,25 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from omegaconf import OmegaConf
 
-from fedlora.attacks import malicious_clients
 from fedlora.audit import AuditTrail
-from fedlora.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from fedlora.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
 from fedlora.checkpoint import run_config as load_run_config
-from fedlora.errors import ConfigError
-from fedlora.client import max_client_examples
 from fedlora.config import OVERRIDES_FILE, compose_overrides, plain_config
-from fedlora.data.sources import load_task_data_cached
+from fedlora.errors import ConfigError
 from fedlora.lora import get_arrays, set_arrays
 from fedlora.model_card import write_privacy_section
-from fedlora.privacy.randomness import NoiseSource
-from fedlora.release import ReleasePolicy, hide_participation_in_logs
+from fedlora.plan import ExperimentPlan
 from fedlora.plots import RunPlots
-from fedlora.privacy.calibration import client_level_plan
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.units import NONE, SAMPLE
+from fedlora.release import hide_participation_in_logs
 from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
+from fedlora.secure import SecAggSettings
 from fedlora.tracking import attach_tracking
-from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.training import evaluate, tokenize
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.preflight import aggregator_name, aggregator_params, preflight
-
-
-def min_fit_results(cfg: Any) -> int | None:
-    """The fewest valid updates a round needs (conf/federation), None where the
-    mechanism decides: client-level DP releases its noise whatever the count, and
-    SecAgg+ has its own reconstruction threshold."""
-    if str(cfg.privacy.unit) == "client" or secure_enabled(cfg):
-        return None
-    value = cfg.federation.get("min_fit_results")
-    return int(cfg.federation.min_fit_clients if value is None else value)
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -100,12 +87,47 @@ def secagg_workflow(settings: SecAggSettings, client_dp: bool = False) -> SecAgg
     )
 
 
+def _recorder(plan: ExperimentPlan, run_dir: Path, echo, ckpt: Checkpoint | None) -> tuple[RunRecorder, AuditTrail]:
+    """The run record with its listeners: audit log, plots, tracking (progress, W&B)."""
+    cfg = plan.cfg
+    private = plan.unit != NONE
+    recorder = RunRecorder(
+        run_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        privacy_unit=plan.unit,
+        delta=float(cfg.privacy.delta) if private else None,
+        num_rounds=int(cfg.federation.rounds),
+        accountant=str(cfg.privacy.get("accountant", "rdp")),
+        echo=echo,
+        noise=plan.noise.describe() if private else {"source": "none"},
+        experiment_id=str(ckpt.state.get("experiment_id", "")) if ckpt is not None else uuid.uuid4().hex,
+        release=plan.release,
+    )
+    recorder.attack = {**OmegaConf.to_container(cfg.attack, resolve=True), "clients": list(plan.malicious)}
+    # audit.jsonl (append-only, hash-chained) and the PNG plots, after every round.
+    audit = AuditTrail(run_dir, recorder.config)
+    recorder.listeners += [audit, RunPlots(run_dir)]
+    attach_tracking(recorder, cfg)  # progress display, W&B run (tracking.*)
+    return recorder, audit
+
+
+def _fraction_evaluate(plan: ExperimentPlan, echo) -> float:
+    fraction = float(plan.cfg.federation.fraction_evaluate)
+    if fraction > 0 and not plan.release.client_evaluation:
+        echo("federated evaluation on the clients' validation data is off under DP: its loss and accuracy "
+             "are statistics of private data that no mechanism noises; the server's test split is evaluated "
+             "every round")
+        return 0.0
+    return fraction
+
+
 def run_server(
-    grid: Grid, context: Context, cfg: Any, run_dir: Path, echo=print, resume: bool = False
+    grid: Grid, context: Context, plan: ExperimentPlan, run_dir: Path, echo=print, resume: bool = False
 ) -> dict[str, Any]:
-    """Run the federation; with ``resume`` continue after the run dir's checkpoint."""
-    task = load_task_data_cached(cfg.data, int(cfg.seed))
-    bundle = get_bundle(cfg, task.num_labels)
+    """Run the federation of ``plan``; with ``resume`` continue after the run dir's checkpoint."""
+    cfg, fed = plan.cfg, plan.cfg.federation
+    task = plan.task_data()
+    bundle = get_bundle(cfg, plan.num_labels)
     test = tokenize(task.test, bundle.tokenizer, cfg.model.max_length)
 
     def evaluate_fn(server_round: int, arrays):
@@ -113,40 +135,10 @@ def run_server(
         loss, acc = evaluate(bundle.model, test, int(cfg.train.eval_batch_size), str(cfg.train.precision))
         return loss, {"accuracy": acc}
 
-    privacy = cfg.privacy
-    release = ReleasePolicy.from_config(cfg)
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT) if resume else None
-    noise = NoiseSource.from_config(privacy)
-    experiment_id = str(ckpt.state.get("experiment_id", "")) if ckpt is not None else ""
-    recorder = RunRecorder(
-        run_dir,
-        OmegaConf.to_container(cfg, resolve=True),
-        privacy_unit=str(privacy.unit),
-        delta=float(privacy.delta) if privacy.unit != "none" else None,
-        num_rounds=int(cfg.federation.rounds),
-        accountant=str(privacy.get("accountant", "rdp")),
-        echo=echo,
-        noise=noise.describe() if privacy.unit != "none" else {"source": "none"},
-        experiment_id=experiment_id or uuid.uuid4().hex,
-        release=release,
-    )
-    if privacy.unit != "none" and not noise.private:
-        echo(f"WARNING: {noise.warning()}")
-    fraction_evaluate = float(cfg.federation.fraction_evaluate)
-    if fraction_evaluate > 0 and not release.client_evaluation:
-        echo("federated evaluation on the clients' validation data is off under DP: its loss and accuracy "
-             "are statistics of private data that no mechanism noises; the server's test split is evaluated "
-             "every round")
-        fraction_evaluate = 0.0
-    # audit.jsonl (append-only, hash-chained) and the PNG plots, after every round.
-    audit = AuditTrail(run_dir, recorder.config)
-    recorder.listeners += [audit, RunPlots(run_dir)]
-    attach_tracking(recorder, cfg)  # progress display, W&B run (tracking.*)
-    fed = cfg.federation
-    recorder.attack = {
-        **OmegaConf.to_container(cfg.attack, resolve=True),
-        "clients": malicious_clients(cfg.attack, int(fed.num_clients)),
-    }
+    recorder, audit = _recorder(plan, run_dir, echo, ckpt)
+    if plan.unit != NONE and not plan.noise.private:
+        echo(f"WARNING: {plan.noise.warning()}")
     strategy = FedLoRAStrategy(
         initial_arrays=get_arrays(bundle.model, bundle.names),
         aggregator=aggregator_name(cfg.strategy),
@@ -154,51 +146,37 @@ def run_server(
         norm_bound=cfg.strategy.get("norm_bound"),
         server_lr=float(cfg.strategy.server_lr),
         fraction_fit=float(fed.fraction_fit),
-        fraction_evaluate=fraction_evaluate,
+        fraction_evaluate=_fraction_evaluate(plan, echo),
         min_fit_clients=int(fed.min_fit_clients),
         min_evaluate_clients=int(fed.min_evaluate_clients),
         min_available_clients=int(fed.min_available_clients),
         evaluate_fn=evaluate_fn,
         recorder=recorder,
-        client_dp=client_level_plan(cfg),
-        noise=noise,
+        client_dp=plan.client_dp,
+        noise=plan.noise,
         experiment_id=recorder.experiment_id,
         on_round_start=lambda server_round, strat: _save(run_dir, strat, recorder, strat.completed_round),
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
-        min_fit_results=min_fit_results(cfg),
+        min_fit_results=plan.min_fit_results,
     )
     remaining = int(fed.rounds)
     if ckpt is not None:
-        strategy.restore(ckpt)
-        results_path = Path(run_dir) / "results.json"
-        recorder.restore(
-            json.loads(results_path.read_text()) if results_path.is_file() else {},
-            PrivacyLedger.from_dict(ckpt.state.get("privacy_ledger", {})),
-            ckpt.round,
-        )
-        strategy.pending_histories = recorder.ledger.client_histories("sample")
-        remaining = int(fed.rounds) - strategy.round_offset
-        skipped = strategy.round_offset - ckpt.round
-        echo(f"resuming after round {ckpt.round}: {remaining} round(s) left"
-             + (f" (round {strategy.round_offset} had started, so its clients may have spent budget: it is "
-                "not run again)" if skipped else ""))
+        remaining = _restore(strategy, recorder, ckpt, run_dir, echo)
     else:
         # Round 0: a crash before the first round ends is resumable too.
         _save(run_dir, strategy, recorder, 0)
     audit.start(recorder)
-    legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
-    )
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
     fit_workflow = None
-    if secure_enabled(cfg):
-        max_examples = max_client_examples(cfg, task, int(fed.num_clients))
-        settings = secure_settings(cfg, max_examples)
-        fit_workflow = secagg_workflow(settings, client_dp=strategy.client_dp is not None)
+    if plan.secagg is not None:
+        settings = plan.secagg
+        fit_workflow = secagg_workflow(settings, client_dp=plan.client_dp is not None)
         # A public bound, from the settings alone (no client reports its own error).
         echo(f"SecAgg+: deltas clipped to L2 norm {settings.clipping_norm:g} before masking; quantization error "
-             f"< {settings.quantization_step:.2e} per coordinate of each weighted delta (one of {settings.quantization_range} levels)")
+             f"< {settings.quantization_step:.2e} per coordinate of each weighted delta (one of "
+             f"{settings.quantization_range} levels)")
     # Under client-level DP Flower's own log lines must not count the participants.
-    log_filter = None if release.participation_public else hide_participation_in_logs()
+    log_filter = None if plan.release.participation_public else hide_participation_in_logs()
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except RoundFailed as err:
@@ -212,22 +190,40 @@ def run_server(
     set_arrays(bundle.model, bundle.names, strategy.global_arrays)
     adapter_dir = Path(run_dir) / "adapter"
     bundle.model.save_pretrained(str(adapter_dir))
-    (adapter_dir / "labels.json").write_text(json.dumps(task.label_names))
+    (adapter_dir / "labels.json").write_text(json.dumps(list(plan.label_names)))
     write_privacy_section(adapter_dir, recorder.privacy_statement())
     return recorder.finalize(
-        num_clients=int(fed.num_clients),
+        num_clients=plan.num_clients,
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),
-        label_names=task.label_names,
+        label_names=list(plan.label_names),
     )
 
 
-def make_server_app(cfg: Any, run_dir: Path, echo=print, resume: bool = False) -> ServerApp:
-    cfg = plain_config(cfg)
+def _restore(strategy: FedLoRAStrategy, recorder: RunRecorder, ckpt: Checkpoint, run_dir: Path, echo) -> int:
+    """Continue after the checkpoint: strategy state, results and the (never reset)
+    ledger; returns the rounds left."""
+    strategy.restore(ckpt)
+    results_path = Path(run_dir) / "results.json"
+    recorder.restore(
+        json.loads(results_path.read_text()) if results_path.is_file() else {},
+        PrivacyLedger.from_dict(ckpt.state.get("privacy_ledger", {})),
+        ckpt.round,
+    )
+    strategy.pending_histories = recorder.ledger.client_histories(SAMPLE)
+    remaining = recorder.num_rounds - strategy.round_offset
+    skipped = strategy.round_offset - ckpt.round
+    echo(f"resuming after round {ckpt.round}: {remaining} round(s) left"
+         + (f" (round {strategy.round_offset} had started, so its clients may have spent budget: it is "
+            "not run again)" if skipped else ""))
+    return remaining
+
+
+def make_server_app(plan: ExperimentPlan, run_dir: Path, echo=print, resume: bool = False) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, cfg, run_dir, echo, resume)
+        run_server(grid, context, plan, run_dir, echo, resume)
 
     return app
 
@@ -263,8 +259,9 @@ app = ServerApp()
 def _deployed_main(grid: Grid, context: Context) -> None:
     try:
         cfg, run_dir, resume = deployed_config(dict(context.run_config), context.run_id)
-        # The same checks as a simulation, before any SuperNode trains.
-        preflight(cfg, simulation=False)
+        # The same checks as a simulation, before any SuperNode trains; the plan they
+        # return is the one every ClientApp rebuilds from the same overrides.
+        plan = preflight(cfg, simulation=False)
     except ConfigError as err:
         log(ERROR, "error: %s", err)
         raise RuntimeError(f"error: {err}") from None
@@ -273,7 +270,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         (run_dir / OVERRIDES_FILE).write_text(str(context.run_config.get("overrides", "")) + "\n")
     try:
-        run_server(grid, context, cfg, run_dir, resume=resume)
+        run_server(grid, context, plan, run_dir, resume=resume)
     except RoundFailed as err:
         message = (f"{err}. The run stopped after checkpointing; continue it with `python -m "
                    f"fedlora.deploy run --resume --run-dir {run_dir} --connection <name>`")

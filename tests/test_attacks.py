@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from fedlora.attacks import alie_z, flip_labels, malicious_clients, poison_delta
 from fedlora.client import LoRAClient
+from fedlora.plan import build_plan_cached
 from fedlora.errors import ConfigError
 from fedlora.lora import flatten
 
@@ -64,7 +65,7 @@ _START = {}
 def _fit(cfg, pid, rnd=1):
     """One client's round from the same global adapter every time (the per-process
     model is shared and trained in place, so the start is read only once)."""
-    client = LoRAClient(cfg, pid, 2, tempfile.gettempdir())  # no DP here: no spend record
+    client = LoRAClient(build_plan_cached(cfg), pid, tempfile.gettempdir())  # no DP here: no spend record
     params = _START.setdefault("params", client.get_parameters({}))
     delta, n, metrics = client.fit(params, {"server_round": rnd})
     return flatten(delta), metrics
@@ -94,8 +95,8 @@ def test_alie_colluders_send_the_same_crafted_update(tiny_cfg):
 
 def test_label_flip_changes_the_training_data_only_for_malicious_clients(tiny_cfg, tmp_path):
     cfg = tiny_cfg("privacy=none", "attack=label_flip", "attack.clients=[1]")
-    bad = LoRAClient(cfg, 1, 2, tmp_path)
-    good = LoRAClient(tiny_cfg("privacy=none"), 1, 2, tmp_path)
+    bad = LoRAClient(build_plan_cached(cfg), 1, tmp_path)
+    good = LoRAClient(build_plan_cached(tiny_cfg("privacy=none")), 1, tmp_path)
     bundle = bad._bundle()
     y_bad = bad._data(bundle, "train").tensors[2]
     y_good = good._data(bundle, "train").tensors[2]

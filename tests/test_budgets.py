@@ -6,6 +6,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from omegaconf import OmegaConf
 
 from fedlora.client import LoRAClient
+from fedlora.plan import build_plan_cached
 from fedlora.errors import ConfigError
 from fedlora.privacy.budgets import check_budgets, client_epsilon, fraction_clients
 from strategies.preflight import preflight
@@ -42,25 +43,25 @@ def test_bad_budgets(budgets, setting):
 
 
 def test_each_client_is_calibrated_for_its_own_budget(tiny_cfg):
-    pre = preflight(tiny_cfg("+privacy.budgets.overrides.1=2.0"))
-    assert pre.plans[0].target_epsilon == 8.0 and pre.plans[1].target_epsilon == 2.0
-    assert pre.plans[1].noise_multiplier > pre.plans[0].noise_multiplier
-    assert pre.plans[1].planned_epsilon <= 2.0
+    plans = [c.dp for c in preflight(tiny_cfg("+privacy.budgets.overrides.1=2.0")).clients]
+    assert plans[0].target_epsilon == 8.0 and plans[1].target_epsilon == 2.0
+    assert plans[1].noise_multiplier > plans[0].noise_multiplier
+    assert plans[1].planned_epsilon <= 2.0
 
 
 def test_client_declines_once_its_budget_would_be_exceeded(tiny_cfg, tmp_path):
     cfg = tiny_cfg("+privacy.budgets.overrides.0=3.0")
-    params = LoRAClient(cfg, 0, 2, tmp_path).get_parameters({})
+    params = LoRAClient(build_plan_cached(cfg), 0, tmp_path).get_parameters({})
     steps = []
     for rnd in range(1, cfg.federation.rounds + 3):  # two rounds past the plan
-        _, n, m = LoRAClient(cfg, 0, 2, tmp_path).fit(params, {"server_round": rnd, "experiment_id": "e"})
+        _, n, m = LoRAClient(build_plan_cached(cfg), 0, tmp_path).fit(params, {"server_round": rnd, "experiment_id": "e"})
         steps.append(m["steps"])
         if rnd <= cfg.federation.rounds:
             assert n > 0 and not m.get("declined")
         else:
             assert n == 0 and m["declined"] and "budget" in m["reason"]
         assert m["epsilon"] <= 3.0
-    hist = LoRAClient(cfg, 0, 2, tmp_path).spend_log({"experiment_id": "e"}).history()
+    hist = LoRAClient(build_plan_cached(cfg), 0, tmp_path).spend_log({"experiment_id": "e"}).history()
     assert len(hist) == cfg.federation.rounds  # no steps after the budget ran out
     assert steps[cfg.federation.rounds:] == [0, 0]
 

@@ -4,6 +4,7 @@ from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fedlora.client import LoRAClient
+from fedlora.plan import build_plan_cached
 from fedlora.data.sources import load_task_data_cached
 from fedlora.runtime import get_bundle
 from fedlora.lora import get_arrays
@@ -19,7 +20,7 @@ def test_client_accountant_persists_across_rounds(tiny_cfg, tmp_path):
     for rnd in (1, 2, 3):
         # A fresh client object each round, as Flower builds one per message: only its
         # spend record on disk carries the accountant.
-        client = LoRAClient(cfg, 0, 2, tmp_path)
+        client = LoRAClient(build_plan_cached(cfg), 0, tmp_path)
         delta, n, metrics = client.fit(global_arrays, {"server_round": rnd, "experiment_id": "e1"})
         assert n == len(client.train_idx)
         assert metrics["steps"] == cfg.train.local_steps
@@ -36,7 +37,7 @@ def test_client_accountant_persists_across_rounds(tiny_cfg, tmp_path):
 
 def test_client_without_dp_reports_no_epsilon(tiny_cfg, tmp_path):
     cfg = tiny_cfg("privacy=none")
-    client = LoRAClient(cfg, 1, 2, tmp_path)
+    client = LoRAClient(build_plan_cached(cfg), 1, tmp_path)
     params = client.get_parameters({})
     delta, n, metrics = client.fit(params, {"server_round": 1})
     assert "epsilon" not in metrics
@@ -49,8 +50,8 @@ def test_client_without_dp_reports_no_epsilon(tiny_cfg, tmp_path):
 
 def test_clients_hold_disjoint_shards(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
-    a = LoRAClient(cfg, 0, 2, tmp_path)
-    b = LoRAClient(cfg, 1, 2, tmp_path)
+    a = LoRAClient(build_plan_cached(cfg), 0, tmp_path)
+    b = LoRAClient(build_plan_cached(cfg), 1, tmp_path)
     rows = [set(a.train_idx), set(a.val_idx), set(b.train_idx), set(b.val_idx)]
     assert sum(len(r) for r in rows) == cfg.data.max_train_samples
     assert len(set().union(*rows)) == cfg.data.max_train_samples
@@ -72,7 +73,7 @@ def test_client_trains_on_its_own_data_path(tiny_cfg, tmp_path):
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "data-path": str(path),
                                                     "state-dir": str(tmp_path / "state")},
                   state=RecordDict(), run_config={})
-    client = make_client_fn(cfg)(ctx).numpy_client
+    client = make_client_fn(build_plan_cached(cfg))(ctx).numpy_client
     assert len(client.train_idx) + len(client.val_idx) == 30
     assert client.task.train["label"] == rows["label"]
     bundle = get_bundle(cfg, task.num_labels)

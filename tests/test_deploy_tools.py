@@ -189,14 +189,17 @@ def test_deployed_server_config_errors(tmp_path):
 
 
 def test_node_identity_from_node_config():
-    assert node_identity({"partition-id": 1, "num-partitions": 3}, 5) == (1, 3, None)
-    assert node_identity({"partition-id": 2, "data-path": "/d.csv"}, 5) == (2, 5, "/d.csv")
+    assert node_identity({"partition-id": 1, "num-partitions": 3}, 3) == (1, None)
+    assert node_identity({"partition-id": 2, "data-path": "/d.csv"}, 5) == (2, "/d.csv")
     with pytest.raises(ConfigError, match="partition-id is missing"):
-        node_identity({"num-partitions": 3}, 5)
+        node_identity({"num-partitions": 3}, 3)
     with pytest.raises(ConfigError, match="num-partitions=<n>.*or data-path"):
         node_identity({"partition-id": 0}, 5)
     with pytest.raises(ConfigError, match=r"must lie in \[0, num-partitions=3\)"):
-        node_identity({"partition-id": 3, "num-partitions": 3}, 5)
+        node_identity({"partition-id": 3, "num-partitions": 3}, 3)
+    # A node that shards the data otherwise than the server planned would overlap others.
+    with pytest.raises(ConfigError, match="federation.num_clients=5"):
+        node_identity({"partition-id": 0, "num-partitions": 3}, 5)
 
 
 def test_node_data_maps_labels_to_the_federation_ids(tmp_path):
@@ -240,4 +243,4 @@ def test_deployed_runs_get_the_simulation_checks(tiny_cfg):
     cfg = tiny_cfg("federation.client_resources.num_cpus=64")
     with pytest.raises(ConfigError, match="CPUs per client"):
         preflight(cfg)
-    assert preflight(cfg, simulation=False).client_sizes
+    assert preflight(cfg, simulation=False).num_clients == cfg.federation.num_clients

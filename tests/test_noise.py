@@ -22,6 +22,7 @@ import pytest
 from scipy import stats
 
 from fedlora.client import LoRAClient
+from fedlora.plan import build_plan_cached
 from fedlora.client_state import SpendLog, extends
 from fedlora.lora import flatten
 from fedlora.privacy import epsilon_from_history
@@ -33,7 +34,7 @@ SGD = ["train.optimizer=sgd", "train.momentum=0", "train.weight_decay=0", "train
 
 
 def _fit(cfg, state, experiment, pid=0):
-    client = LoRAClient(cfg, pid, 2, state)
+    client = LoRAClient(build_plan_cached(cfg), pid, state)
     delta, _, metrics = client.fit(_start(client), {"server_round": 1, "experiment_id": experiment})
     return flatten(delta).astype(np.float64), metrics
 
@@ -109,16 +110,16 @@ def test_os_entropy_generators_differ_and_a_noise_seed_reproduces():
 
 def test_a_forged_server_history_is_refused_and_epsilon_does_not_drop(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
-    client = LoRAClient(cfg, 0, 2, tmp_path)
+    client = LoRAClient(build_plan_cached(cfg), 0, tmp_path)
     params = client.get_parameters({})
     eps = []
     for rnd in (1, 2):
-        _, _, m = LoRAClient(cfg, 0, 2, tmp_path).fit(params, {"server_round": rnd, "experiment_id": "e"})
+        _, _, m = LoRAClient(build_plan_cached(cfg), 0, tmp_path).fit(params, {"server_round": rnd, "experiment_id": "e"})
         eps.append(m["epsilon"])
     own = json.loads(m["dp_history"])
     # A longer history that rewrites the client's own entries with huge noise.
     forged = [[1000.0, e[1], e[2], e[3]] for e in own] + [[1000.0, own[0][1], 1, 3]] * 4
-    _, _, m3 = LoRAClient(cfg, 0, 2, tmp_path).fit(
+    _, _, m3 = LoRAClient(build_plan_cached(cfg), 0, tmp_path).fit(
         params, {"server_round": 3, "experiment_id": "e", "dp_history": json.dumps(forged)})
     assert "refused" in m3["history_refused"]
     assert m3["epsilon"] > eps[-1]  # composed over its own record, not the forged one

@@ -1,6 +1,5 @@
 """Run plots from a synthetic recorder: valid PNGs of sensible size, the right grid states."""
 
-import json
 import struct
 
 from fedlora.plots import EPSILON_PNG, METRICS_PNG, PARTICIPATION_PNG, STATES, RunPlots, participation_grid
@@ -21,7 +20,7 @@ def _client(cid, rnd, **extra):
     # The reply carries the client's own history: it trained in every round so far.
     return {"cid": cid, "node_id": str(100 + cid), "accepted": True, "noise_multiplier": 1.0,
             "sample_rate": 0.2, "steps": 10, "delta": 1e-5, "epsilon": 1.0,
-            "dp_history": json.dumps([[1.0, 0.2, 10, r] for r in range(1, rnd + 1)]), **extra}
+            "dp_history": [(1.0, 0.2, 10, r) for r in range(1, rnd + 1)], **extra}
 
 
 def _recorder(tmp_path, privacy=PRIVACY, unit="sample"):

@@ -41,11 +41,11 @@ def test_bad_input_stops_before_the_federation(tiny_cfg, overrides, setting, tex
 
 
 def test_preflight_plans_every_client(tiny_cfg):
-    pre = preflight(tiny_cfg("federation.num_clients=3"))
-    assert len(pre.plans) == 3 and sum(pre.client_sizes) <= 120
-    for plan in pre.plans:
-        assert plan.planned_epsilon <= 8.0 + 1e-9
-        assert plan.planned_rounds == 3
+    plan = preflight(tiny_cfg("federation.num_clients=3"))
+    assert plan.num_clients == 3 and sum(len(c.train_indices) for c in plan.clients) <= 120
+    for client in plan.clients:
+        assert client.dp.planned_epsilon <= 8.0 + 1e-9
+        assert client.dp.planned_rounds == 3
 
 
 def test_unknown_model_message_from_the_cli(tmp_path):

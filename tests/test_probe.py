@@ -5,6 +5,7 @@ from omegaconf import OmegaConf
 from opacus.accountants import RDPAccountant
 
 from fedlora.client import LoRAClient
+from fedlora.plan import build_plan_cached
 from fedlora.errors import ConfigError
 from fedlora.training import train_probe
 from strategies.preflight import preflight
@@ -27,7 +28,7 @@ def test_probe_gradient_is_the_autograd_gradient():
 
 def test_dp_probe_moves_only_the_head_and_is_accounted(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model.pooling=mean", "train.probe_steps=5", "train.local_steps=0")
-    client = LoRAClient(cfg, 0, 2, tmp_path)
+    client = LoRAClient(build_plan_cached(cfg), 0, tmp_path)
     params = client.get_parameters({})
     names = client._bundle().names
     delta, _, metrics = client.fit(params, {"server_round": 1})
@@ -42,7 +43,7 @@ def test_dp_probe_moves_only_the_head_and_is_accounted(tiny_cfg, tmp_path):
 
 def test_probe_then_fine_tune_counts_both(tiny_cfg, tmp_path):
     cfg = tiny_cfg("model.pooling=mean", "train.probe_steps=4", "train.local_steps=2")
-    client = LoRAClient(cfg, 1, 2, tmp_path)
+    client = LoRAClient(build_plan_cached(cfg), 1, tmp_path)
     delta, _, metrics = client.fit(client.get_parameters({}), {"server_round": 1})
     assert metrics["steps"] == 6 and metrics["probe_steps"] == 4 and metrics["total_steps"] == 6
     names = client._bundle().names

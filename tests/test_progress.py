@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedlora.errors import ConfigError
+from fedlora.privacy import epsilon_from_history
 from fedlora.progress import RoundProgress, make_progress, postfix_text
 from fedlora.results import RunRecorder
 from fedlora.tracking import attach_tracking
@@ -17,10 +18,18 @@ class _Terminal(io.StringIO):
         return True
 
 
+HISTORY = [(1.0, 0.1, 10, 1), (1.0, 0.1, 10, 2)]  # one client's spend, rounds 1 and 2
+
+
+def _eps(rounds: int) -> float:
+    """The epsilon the ledger gives after ``rounds`` rounds of HISTORY."""
+    return epsilon_from_history([h[:3] for h in HISTORY[:rounds]], 1e-5, "rdp")
+
+
 def _rounds(recorder: RunRecorder) -> None:
     recorder.on_evaluate(0, 0.69, {"accuracy": 0.5})
-    for rnd, eps in ((1, 1.5), (2, 2.25)):
-        recorder.on_fit(rnd, [{"cid": 0, "epsilon": eps, "accepted": True}], [], 0.01)
+    for rnd in (1, 2):
+        recorder.on_fit(rnd, [{"cid": 0, "accepted": True, "delta": 1e-5, "dp_history": HISTORY[:rnd]}], [], 0.01)
         recorder.on_evaluate(rnd, 0.6, {"accuracy": 0.5 + rnd / 8})
 
 
@@ -32,7 +41,7 @@ def test_not_a_terminal_keeps_the_plain_round_lines(tmp_path):
     assert attach_tracking(recorder, cfg) == []  # pytest's captured stdout is no TTY
     _rounds(recorder)
     assert lines[0].startswith("round 0/2 | test accuracy 0.5000 | loss 0.6900 | ")
-    assert lines[2].startswith("round 2/2 | test accuracy 0.7500 | loss 0.6000 | eps 2.250 (delta=1e-05, "
+    assert lines[2].startswith(f"round 2/2 | test accuracy 0.7500 | loss 0.6000 | eps {_eps(2):.3f} (delta=1e-05, "
                                "sample-level, max over clients) | clients ok 1, rejected 0 | ")
     assert len(lines) == 3
 
@@ -50,7 +59,7 @@ def test_bar_shows_rounds_accuracy_and_epsilon_with_its_unit(tmp_path):
     last = out.rstrip("\n").split("\r")[-1]
     # Accuracy and epsilon (with unit and delta) first, so a narrow terminal cuts the timing.
     assert last.startswith("[job 3: privacy.target_epsilon=3] round 2/2, acc 0.7500 | "
-                           "eps 2.250 (sample-level, delta=1e-05) |##########| ")
+                           f"eps {_eps(2):.3f} (sample-level, delta=1e-05) |##########| ")
     # Round lines land on lines of their own, the bar cleared out of their way first.
     assert "\rround 2/2 | test accuracy 0.7500" in out
     assert progress.bar is None  # closed at the end of the run

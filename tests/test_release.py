@@ -14,6 +14,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fedlora.client import LoRAClient
+from fedlora.plan import build_plan_cached
 from fedlora.client_state import HISTORY_KEY
 from fedlora.release import OPTIONAL_REPLY, REPLY_KEYS, ParticipationLogFilter, ReleasePolicy
 from strategies.fedlora_strategy import FedLoRAStrategy
@@ -46,7 +47,7 @@ def test_a_real_client_sends_exactly_the_documented_keys(tiny_cfg, tmp_path, uni
     if unit == "client":
         overrides += ["privacy.delta=1e-3"]
     cfg = tiny_cfg(*overrides)
-    client = LoRAClient(cfg, 0, 2, tmp_path)
+    client = LoRAClient(build_plan_cached(cfg), 0, tmp_path)
     delta, n, metrics = client.fit(client.get_parameters({}), {"server_round": 1, "experiment_id": "e"})
     assert set(metrics) == documented_reply_keys()[(unit, secure)]
     assert not set(metrics) & {"quantization_error", "secure_clipped"}
@@ -61,7 +62,7 @@ def test_optional_keys_are_labels_not_statistics():
 
 def test_clients_do_not_evaluate_on_their_validation_data_under_dp(tiny_cfg, tmp_path):
     for unit, expected in (("sample", 0), ("none", None)):
-        client = LoRAClient(tiny_cfg(f"privacy={unit}"), 1, 2, tmp_path)
+        client = LoRAClient(build_plan_cached(tiny_cfg(f"privacy={unit}")), 1, tmp_path)
         loss, n, metrics = client.evaluate(client.get_parameters({}), {})
         if expected == 0:
             assert n == 0 and set(metrics) == {"partition_id"}
@@ -87,7 +88,7 @@ def test_the_declared_size_not_the_real_one_sets_q_steps_and_the_weight(tiny_cfg
     size and plan with q = B / declared; without DP they report their real sizes."""
     skew = ["partition=dirichlet", "partition.alpha=0.3", "data.max_train_samples=120"]
     cfg = tiny_cfg(*skew)
-    clients = [LoRAClient(cfg, pid, 2, tmp_path) for pid in (0, 1)]
+    clients = [LoRAClient(build_plan_cached(cfg), pid, tmp_path) for pid in (0, 1)]
     real = [len(c.train_idx) for c in clients]
     assert real[0] != real[1]
     declared = 60 - round(0.1 * 60)  # mean shard of 120 rows over 2 clients, less validation
@@ -96,8 +97,8 @@ def test_the_declared_size_not_the_real_one_sets_q_steps_and_the_weight(tiny_cfg
         _, n, m = client.fit(params, {"server_round": 1, "experiment_id": "sizes"})
         assert n == m["num_examples"] == declared
         assert m["sample_rate"] == pytest.approx(cfg.train.batch_size / declared)
-    assert [LoRAClient(tiny_cfg(*skew, "privacy=none"), p, 2, tmp_path).num_examples for p in (0, 1)] == real
-    given = LoRAClient(tiny_cfg(*skew, "+privacy.declared_examples=40"), 0, 2, tmp_path)
+    assert [LoRAClient(build_plan_cached(tiny_cfg(*skew, "privacy=none")), p, tmp_path).num_examples for p in (0, 1)] == real
+    given = LoRAClient(build_plan_cached(tiny_cfg(*skew, "+privacy.declared_examples=40")), 0, tmp_path)
     assert given.num_examples == 40
 
 

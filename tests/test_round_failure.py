@@ -10,7 +10,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fedlora.results import RunRecorder
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
-from strategies.server_app import min_fit_results
+from fedlora.plan import min_fit_results
 from fedlora.config import compose
 
 REF = [np.zeros(3, np.float32)]

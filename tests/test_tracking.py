@@ -13,6 +13,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from omegaconf import OmegaConf
 
 from fedlora.errors import ConfigError
+from fedlora.privacy import epsilon_from_history
 from fedlora.results import RunRecorder
 from fedlora.tracking import attach_tracking, check_tracking, client_epsilon_rows, resolve_mode, round_metrics
 from strategies.fedlora_strategy import FedLoRAStrategy, payload_bytes
@@ -78,13 +79,22 @@ def _cfg(**tracking):
     })
 
 
-def _play(recorder: RunRecorder, accuracies=(0.5, 0.625, 0.75), eps=((0.4, 0.5), (0.9, 1.25))):
+SIGMA = {0: 2.0, 1: 1.5}  # client 1 adds less noise: the larger epsilon
+
+
+def _eps(cid: int, rounds: int) -> float:
+    """Client ``cid``'s epsilon after ``rounds`` rounds, as the ledger computes it."""
+    return epsilon_from_history([(SIGMA[cid], 0.125, 4)] * rounds, 1e-5, "rdp")
+
+
+def _play(recorder: RunRecorder, accuracies=(0.5, 0.625, 0.75)):
     """Round 0 (evaluation only), then two rounds of two clients, then the adapter."""
     recorder.on_evaluate(0, 0.7, {"accuracy": accuracies[0]})
     for rnd in (1, 2):
         clients = [
-            {"cid": cid, "epsilon": eps[rnd - 1][cid], "delta": 1e-5, "sample_rate": 0.125,
-             "noise_multiplier": 1.5, "steps": 4, "accepted": True, "bytes_up": 1000 + cid, "bytes_down": 1100}
+            {"cid": cid, "delta": 1e-5, "sample_rate": 0.125, "noise_multiplier": SIGMA[cid], "steps": 4,
+             "accepted": True, "bytes_up": 1000 + cid, "bytes_down": 1100,
+             "dp_history": [(SIGMA[cid], 0.125, 4, r) for r in range(1, rnd + 1)]}
             for cid in (0, 1)
         ]
         recorder.on_fit(rnd, clients, [], 0.25)
@@ -114,7 +124,8 @@ def test_offline_run_holds_rounds_config_epsilon_table_and_adapter(tmp_path, wan
     rows = history(records)
     assert {k: rows[k]["test/accuracy"] for k in (0, 1, 2)} == {0: 0.5, 1: 0.625, 2: 0.75}
     # The federation's sample-level epsilon is the largest client's.
-    assert rows[1]["privacy/epsilon_sample_level"] == 0.5 and rows[2]["privacy/epsilon_sample_level"] == 1.25
+    assert rows[1]["privacy/epsilon_sample_level"] == pytest.approx(_eps(1, 1))
+    assert rows[2]["privacy/epsilon_sample_level"] == pytest.approx(_eps(1, 2))
     assert "privacy/epsilon_sample_level" not in rows[0]
     assert rows[2]["clients/participating"] == 2 and rows[2]["clients/accepted"] == 2
     assert rows[2]["traffic/bytes_up"] == 2001 and rows[2]["traffic/bytes_down"] == 2200
@@ -134,12 +145,12 @@ def test_offline_run_holds_rounds_config_epsilon_table_and_adapter(tmp_path, wan
     table = json.loads(tables[0].read_text())
     assert table["columns"][:5] == ["client", "round", "epsilon", "unit", "delta"]
     assert [row[:4] for row in table["data"]] == [
-        ["0", 1, 0.4, "sample-level"], ["1", 1, 0.5, "sample-level"],
-        ["0", 2, 0.9, "sample-level"], ["1", 2, 1.25, "sample-level"],
+        ["0", 1, pytest.approx(_eps(0, 1)), "sample-level"], ["1", 1, pytest.approx(_eps(1, 1)), "sample-level"],
+        ["0", 2, pytest.approx(_eps(0, 2)), "sample-level"], ["1", 2, pytest.approx(_eps(1, 2)), "sample-level"],
     ]
     summary = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
                for r in records if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
-    assert summary["final/accuracy"] == 0.75 and summary["final/epsilon_sample_level"] == 1.25
+    assert summary["final/accuracy"] == 0.75 and summary["final/epsilon_sample_level"] == pytest.approx(_eps(1, 2))
     assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
     assert not wandb_processes()
 

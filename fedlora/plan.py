@@ -1,0 +1,163 @@
+"""The experiment plan: every fact of a run, computed once from the config.
+
+Preflight (``strategies.preflight``) checks a config and returns this plan; the
+simulation, the ServerApp and every ClientApp read their facts from it. In deployment
+each side rebuilds it with :func:`build_plan` from the same Hydra overrides, so all
+agree without any fact travelling. No station re-derives what the plan holds: each
+client's shard and training-set size (real and as used), its sample-level DP plan and
+budget, the client-level plan, the malicious clients, the clients per round, the
+SecAgg+ settings, the round-failure minimum, the release policy and the noise source.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from fedlora.attacks import malicious_clients
+from fedlora.config import seed_for
+from fedlora.data import client_split, partition_indices
+from fedlora.data.sources import TaskData, load_task_data_cached
+from fedlora.privacy import DPPlan, plan_sample_dp
+from fedlora.privacy.budgets import client_epsilon
+from fedlora.privacy.calibration import ClientDPPlan, client_level_plan, clients_per_round, declared_examples
+from fedlora.privacy.randomness import NoiseSource
+from fedlora.privacy.units import CLIENT, SAMPLE, unit_of
+from fedlora.release import ReleasePolicy
+from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
+
+
+def config_key(cfg: Any) -> str:
+    """A config (or config group) as canonical JSON: a cache key identical in every process."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    return json.dumps(plain, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """One client's facts: its rows of the configured dataset and how it trains."""
+
+    client: int
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    num_examples: int  # as the run uses and reports it (see weight_examples)
+    dp: DPPlan | None
+    malicious: bool
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    cfg: Any
+    label_names: tuple[str, ...]
+    federation_train_size: int
+    clients: tuple[ClientPlan, ...]
+    client_dp: ClientDPPlan | None
+    malicious: tuple[int, ...]
+    clients_per_round: int
+    secagg: SecAggSettings | None
+    min_fit_results: int | None
+    release: ReleasePolicy
+    noise: NoiseSource
+
+    @property
+    def unit(self) -> str:
+        return unit_of(self.cfg)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def client(self, client: int) -> ClientPlan:
+        return self.clients[int(client)]
+
+    def task_data(self) -> TaskData:
+        """The configured dataset (loaded once per process)."""
+        return load_task_data_cached(self.cfg.data, int(self.cfg.seed))
+
+
+def weight_examples(cfg: Any, federation_train_size: int, actual: int) -> int:
+    """A client's training-set size as the run uses and reports it: its DP plan and its
+    FedAvg weight. Under sample-level DP the declared public size
+    (:func:`fedlora.privacy.calibration.declared_examples`), never the real one; under
+    client-level DP 1 (every client weighs the same in DP-FedAvg); without DP the real size."""
+    unit = unit_of(cfg)
+    if unit == SAMPLE:
+        return declared_examples(cfg.privacy, federation_train_size, int(cfg.federation.num_clients),
+                                 float(cfg.data.validation_fraction))
+    return 1 if unit == CLIENT else int(actual)
+
+
+def client_dp_plan(cfg: Any, num_examples: int, client: int) -> DPPlan | None:
+    """The sample-level DP plan of a client whose (declared) training-set size is
+    ``num_examples``, for its own budget; None without sample-level DP."""
+    if unit_of(cfg) != SAMPLE:
+        return None
+    eps = client_epsilon(cfg.privacy, client, int(cfg.federation.num_clients))
+    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds), eps)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: int):
+    task = load_task_data_cached(json.loads(data_key), seed)
+    return partition_indices(task.train, num_partitions, OmegaConf.create(json.loads(partition_key)))
+
+
+def min_fit_results(cfg: Any) -> int | None:
+    """The fewest valid updates a round needs (conf/federation), None where the
+    mechanism decides: client-level DP releases its noise whatever the count, and
+    SecAgg+ has its own reconstruction threshold."""
+    if unit_of(cfg) == CLIENT or secure_enabled(cfg):
+        return None
+    value = cfg.federation.get("min_fit_results")
+    return int(cfg.federation.min_fit_clients if value is None else value)
+
+
+def build_plan(cfg: Any) -> ExperimentPlan:
+    """Every fact of the experiment ``cfg`` (a resolved config); raises ConfigError on
+    a plan that cannot work (an unreachable epsilon, a delta too large for a client)."""
+    task = load_task_data_cached(cfg.data, int(cfg.seed))
+    n = int(cfg.federation.num_clients)
+    parts = _partitions(config_key(cfg.data), config_key(cfg.partition), n, int(cfg.seed))
+    malicious = tuple(malicious_clients(cfg.attack, n))
+    clients = []
+    for pid in range(n):
+        train_idx, val_idx = client_split(parts[pid], float(cfg.data.validation_fraction), seed_for(cfg.seed, pid))
+        weight = weight_examples(cfg, len(task.train), len(train_idx))
+        clients.append(ClientPlan(client=pid, train_indices=train_idx, val_indices=val_idx, num_examples=weight,
+                                  dp=client_dp_plan(cfg, weight, pid), malicious=pid in malicious))
+    secagg = None
+    if secure_enabled(cfg):
+        secagg = secure_settings(cfg, max(c.num_examples for c in clients))
+    return ExperimentPlan(
+        cfg=cfg,
+        label_names=tuple(task.label_names),
+        federation_train_size=len(task.train),
+        clients=tuple(clients),
+        client_dp=client_level_plan(cfg),
+        malicious=malicious,
+        clients_per_round=clients_per_round(cfg),
+        secagg=secagg,
+        min_fit_results=min_fit_results(cfg),
+        release=ReleasePolicy.from_config(cfg),
+        noise=NoiseSource.from_config(cfg.privacy),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_for(key: str) -> ExperimentPlan:
+    return build_plan(OmegaConf.create(json.loads(key)))
+
+
+def build_plan_cached(cfg: Any) -> ExperimentPlan:
+    """:func:`build_plan` once per process for one config (deployed ClientApps build a
+    client per message)."""
+    return _plan_for(config_key(cfg))
