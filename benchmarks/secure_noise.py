@@ -26,7 +26,8 @@ from fedlora.data.sources import load_task_data_cached
 from fedlora.privacy.calibration import DPPlan
 from fedlora.privacy.randomness import NoiseSource
 from fedlora.runtime import get_bundle
-from fedlora.training import DPGenerators, _dp_parts, _step, make_optimizer, tokenize
+from fedlora.tasks import get_task
+from fedlora.training import DPGenerators, _dp_parts, _step, make_optimizer
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -40,7 +41,8 @@ def main() -> None:
     cfg = compose(["model.max_length=64"])
     task = load_task_data_cached(cfg.data, int(cfg.seed))
     bundle = get_bundle(cfg, task.num_labels)
-    data = tokenize(task.train.select(range(512)), bundle.tokenizer, 64)
+    classification = get_task(cfg.model)
+    data = classification.encode(task.train.select(range(512)), bundle.tokenizer, cfg.model)
     plan = DPPlan(sample_rate=args.batch / len(data), noise_multiplier=1.0, steps_per_round=args.steps,
                   expected_batch_size=args.batch, probe_steps=0,
                   planned_rounds=1, max_grad_norm=0.3, target_epsilon=8.0, delta=1e-5, accountant="rdp")
@@ -54,7 +56,7 @@ def main() -> None:
             batch = next(iter(loader))
             gsm.train()
             start = time.perf_counter()
-            _step(gsm, optimizer, batch)
+            _step(gsm, optimizer, batch, classification.loss)
             times[secure].append(time.perf_counter() - start)
     d = sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
     ref = torch.zeros(d)

@@ -25,23 +25,14 @@ from fedlora.config import seed_for
 from fedlora.data import TaskData, client_split
 from fedlora.data.sources import load_node_data
 from fedlora.errors import ConfigError
-from fedlora.lora import flatten, get_arrays, probe_parts, set_arrays, subtract, unflatten
+from fedlora.lora import flatten, get_arrays, set_arrays, subtract, unflatten
 from fedlora.plan import ExperimentPlan, config_key, weight_examples
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
 from fedlora.privacy.randomness import NOISE, SAMPLING
 from fedlora.reply import FitReply
 from fedlora.runtime import ModelBundle, cached_shard, get_bundle
 from fedlora.secure import prepare_update
-from fedlora.training import (
-    DPGenerators,
-    TrainStats,
-    embed_all,
-    evaluate,
-    tokenize,
-    train_dp,
-    train_plain,
-    train_probe,
-)
+from fedlora.training import DPGenerators, TrainStats, train_dp, train_plain, train_probe
 
 ATTACK_SALT = 0xA77AC
 
@@ -98,7 +89,7 @@ class LoRAClient(NumPyClient):
         if flip:  # data poisoning: the malicious client trains on flipped labels
             flipped = flip_labels(np.asarray(rows["label"]), self.task.num_labels)
             rows = rows.remove_columns("label").add_column("label", flipped.tolist())
-        return tokenize(rows, bundle.tokenizer, self.cfg.model.max_length)
+        return self.plan.task.encode(rows, bundle.tokenizer, self.cfg.model)
 
     def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, pid: int, server_round: int):
         """One round of local training from the loaded global adapter: optional linear
@@ -121,15 +112,15 @@ class LoRAClient(NumPyClient):
         probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
         if n_probe:
             # Linear probing on the current adapter's features, then fine-tuning.
-            embed, head = probe_parts(bundle.model)
-            features = embed_all(embed, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
-            probe = train_probe(head, features, data.tensors[2], cfg.train, plan, n_probe, shuffle, secret)
+            features, targets, head = self.plan.task.probe_inputs(
+                bundle.model, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
+            probe = train_probe(head, features, targets, cfg.train, plan, n_probe, shuffle, secret)
         # Under DP the plan fixes the steps (from the declared size, not the real one).
         n_tune = local_steps(len(data), cfg.train) if plan is None else plan.steps_per_round - plan.probe_steps
         if plan is None:
-            stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle)
+            stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle, self.plan.task.loss)
         else:
-            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, secret)
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, secret, self.plan.task.loss)
         return probe, stats
 
     def _colluders_honest_deltas(self, bundle: ModelBundle, parameters, own: np.ndarray, server_round: int):
@@ -239,8 +230,9 @@ class LoRAClient(NumPyClient):
         data = self._data(bundle, "val")
         if len(data) == 0:
             return 0.0, 0, {"partition_id": self.partition_id}
-        loss, acc = evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size), str(self.cfg.train.precision))
-        return loss, len(data), {"accuracy": acc, "partition_id": self.partition_id}
+        metrics = self.plan.task.evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size),
+                                          str(self.cfg.train.precision))
+        return metrics.pop("loss"), len(data), {**metrics, "partition_id": self.partition_id}
 
 
 def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:

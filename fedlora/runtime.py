@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from fedlora.lora import build_lora_model, trainable_names
-from fedlora.models import load_base_model, load_tokenizer
+from fedlora.tasks import get_task
 
 
 @dataclass
@@ -58,10 +58,10 @@ def get_bundle(cfg: Any, num_labels: int) -> ModelBundle:
     key = model_key(cfg, num_labels)
     bundle = _BUNDLES.get(key)
     if bundle is None:
-        tokenizer = load_tokenizer(cfg.model)
-        base = load_base_model(cfg.model, num_labels, tokenizer, int(cfg.seed))
+        task = get_task(cfg.model)
+        tokenizer, base = task.load(cfg.model, num_labels, int(cfg.seed))
         base.to(torch.device("cpu"))  # on its device before PEFT wraps it (Opacus/PEFT pitfall)
-        model = build_lora_model(base, cfg.lora)
+        model = build_lora_model(base, cfg.lora, task.peft_task_type)
         model.train()
         bundle = ModelBundle(tokenizer=tokenizer, model=model, names=trainable_names(model))
         _BUNDLES.clear()  # one experiment per process at a time: bound the memory

@@ -1,4 +1,4 @@
-"""Local training (plain or Opacus DP-SGD) and evaluation of a sequence classifier.
+"""Local training: plain or Opacus DP-SGD steps on the task's loss, and linear probing.
 
 DP-SGD follows Abadi et al. 2016 ("Deep Learning with Differential Privacy"):
 Poisson sampling of each example with probability ``sample_rate``, per-example
@@ -10,42 +10,22 @@ wrapper can be built once per process and reused across rounds and clients.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import Dataset
 from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedTokenizerBase
 
 from fedlora.privacy import DPPlan
 
 # Opacus's hooks see the embeddings' outputs (no input needs a gradient under LoRA);
 # torch warns about that on every backward although the per-sample gradients are right.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TensorDataset:
-    enc = tokenizer(
-        list(dataset["text"]),
-        truncation=True,
-        max_length=int(max_length),
-        padding="max_length",
-        return_tensors="pt",
-    )
-    labels = torch.as_tensor(list(dataset["label"]), dtype=torch.long)
-    return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
-
-
-def _trim(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Rows are padded to max_length; cut the batch to its longest real row.
-    length = max(1, int(mask.sum(dim=1).max()))
-    return input_ids[:, :length], mask[:, :length]
 
 
 HEAD_KEYS = ("classifier", "score")
@@ -115,29 +95,32 @@ def noise_only_step(optimizer: DPOptimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+
+
 def _step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, clip: float | None = None
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, loss_fn: LossFn, clip: float | None = None
 ) -> tuple[float, int]:
-    input_ids, mask, labels = batch
-    if len(labels) == 0:  # only a Poisson (DP) batch can be empty
+    """One optimizer step on ``batch``; ``loss_fn`` is the task's (mean of per-example losses)."""
+    n = len(batch[0])
+    if n == 0:  # only a Poisson (DP) batch can be empty
         noise_only_step(optimizer)
         return 0.0, 0
-    input_ids, mask = _trim(input_ids, mask)
-    out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
+    loss = loss_fn(model, batch)
+    loss.backward()
     if clip:
         clip_batch_gradient((p for g in optimizer.param_groups for p in g["params"]), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(out.loss.detach()) * len(labels), len(labels)
+    return float(loss.detach()) * n, n
 
 
-def _run_steps(model, optimizer, loader, steps: int, clip: float | None = None) -> TrainStats:
+def _run_steps(model, optimizer, loader, steps: int, loss_fn: LossFn, clip: float | None = None) -> TrainStats:
     model.train()
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
         for batch in loader:
-            loss, n = _step(model, optimizer, batch, clip)
+            loss, n = _step(model, optimizer, batch, loss_fn, clip)
             loss_sum, seen, done = loss_sum + loss, seen + n, done + 1
             if done >= steps:
                 break
@@ -145,13 +128,14 @@ def _run_steps(model, optimizer, loader, steps: int, clip: float | None = None) 
 
 
 def train_plain(
-    model: torch.nn.Module, data: TensorDataset, train_cfg: Any, steps: int, generator: torch.Generator
+    model: torch.nn.Module, data: TensorDataset, train_cfg: Any, steps: int, generator: torch.Generator,
+    loss_fn: LossFn,
 ) -> TrainStats:
     loader = DataLoader(
         data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True, generator=generator
     )
     clip = train_cfg.get("max_grad_norm")
-    return _run_steps(model, make_optimizer(model, train_cfg), loader, steps, clip=clip)
+    return _run_steps(model, make_optimizer(model, train_cfg), loader, steps, loss_fn, clip=clip)
 
 
 def _dp_parts(
@@ -187,6 +171,7 @@ def train_dp(
     plan: DPPlan,
     steps: int,
     generators: DPGenerators,
+    loss_fn: LossFn,
 ) -> TrainStats:
     """``steps`` DP-SGD steps with Poisson sampling at ``plan.sample_rate``; every one
     releases noise, an empty batch included."""
@@ -196,38 +181,9 @@ def train_dp(
     # join the first clipped sum.
     optimizer.zero_grad(set_to_none=True)
     try:
-        return _run_steps(gsm, optimizer, loader, steps)
+        return _run_steps(gsm, optimizer, loader, steps, loss_fn)
     finally:
         optimizer.zero_grad(set_to_none=True)
-
-
-def _autocast(precision: str):
-    """bf16 autocast for forward-only passes where the CPU/GPU supports it, else a no-op.
-
-    Only evaluation and probe features use it: DP-SGD's per-sample gradients, clipping
-    and noise stay in fp32.
-    """
-    if precision == "bf16" or (precision == "auto" and _bf16_supported()):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _bf16_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@torch.no_grad()
-def embed_all(embed, data: TensorDataset, batch_size: int, precision: str = "auto") -> torch.Tensor:
-    """Head inputs for every row of ``data`` under the current adapter (fp32)."""
-    out = []
-    with _autocast(precision):
-        for input_ids, mask, _ in DataLoader(data, batch_size=int(batch_size)):
-            input_ids, mask = _trim(input_ids, mask)
-            out.append(embed(input_ids, mask).float())
-    return torch.cat(out)
 
 
 def train_probe(
@@ -296,23 +252,3 @@ def train_probe(
     finally:
         optimizer.zero_grad(set_to_none=True)
     return TrainStats(steps=done, loss=loss_sum / max(seen, 1), examples_seen=seen)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, data: TensorDataset, batch_size: int, precision: str = "fp32"
-) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) over ``data``."""
-    if len(data) == 0:
-        return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for input_ids, mask, labels in DataLoader(data, batch_size=int(batch_size)):
-        input_ids, mask = _trim(input_ids, mask)
-        with _autocast(precision):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-    model.train(was_training)
-    return loss_sum / len(data), correct / len(data)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
 from fedlora.errors import ConfigError
-from fedlora.plan import ExperimentPlan, build_plan
+from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params, build_plan
 from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import check_budget, clients_per_round
 from fedlora.privacy.units import CLIENT, NONE, SAMPLE, UNITS
@@ -23,20 +22,6 @@ from fedlora.runtime import get_bundle
 from fedlora.secure import check_secure
 from fedlora.tracking import check_tracking
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
-
-
-def aggregator_name(strategy_cfg: Any) -> str:
-    """``strategy.aggregator``: a registered name, a dotted path, or ``{_target_: path}``."""
-    agg = strategy_cfg.aggregator
-    return str(agg["_target_"]) if OmegaConf.is_dict(agg) or isinstance(agg, dict) else str(agg)
-
-
-def aggregator_params(strategy_cfg: Any) -> dict[str, Any]:
-    """The aggregator's keyword arguments (``strategy.params``), nulls left to defaults."""
-    params = strategy_cfg.get("params") or {}
-    if OmegaConf.is_config(params):
-        params = OmegaConf.to_container(params, resolve=True)
-    return {k: v for k, v in params.items() if v is not None}
 
 
 def backend_cpus(cfg: Any) -> int:

@@ -27,8 +27,8 @@ from fedlora.checkpoint import run_config as load_run_config
 from fedlora.config import OVERRIDES_FILE, compose_overrides, plain_config
 from fedlora.errors import ConfigError
 from fedlora.lora import get_arrays, set_arrays
-from fedlora.model_card import write_privacy_section
-from fedlora.plan import ExperimentPlan
+from fedlora.model_card import write_model_card
+from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params
 from fedlora.plots import RunPlots
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.units import NONE, SAMPLE
@@ -37,9 +37,8 @@ from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
 from fedlora.secure import SecAggSettings
 from fedlora.tracking import attach_tracking
-from fedlora.training import evaluate, tokenize
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
-from strategies.preflight import aggregator_name, aggregator_params, preflight
+from strategies.preflight import preflight
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -128,12 +127,12 @@ def run_server(
     cfg, fed = plan.cfg, plan.cfg.federation
     task = plan.task_data()
     bundle = get_bundle(cfg, plan.num_labels)
-    test = tokenize(task.test, bundle.tokenizer, cfg.model.max_length)
+    test = plan.task.encode(task.test, bundle.tokenizer, cfg.model)
 
     def evaluate_fn(server_round: int, arrays):
         set_arrays(bundle.model, bundle.names, arrays)
-        loss, acc = evaluate(bundle.model, test, int(cfg.train.eval_batch_size), str(cfg.train.precision))
-        return loss, {"accuracy": acc}
+        metrics = plan.task.evaluate(bundle.model, test, int(cfg.train.eval_batch_size), str(cfg.train.precision))
+        return metrics.pop("loss"), metrics
 
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT) if resume else None
     recorder, audit = _recorder(plan, run_dir, echo, ckpt)
@@ -189,9 +188,8 @@ def run_server(
 
     set_arrays(bundle.model, bundle.names, strategy.global_arrays)
     adapter_dir = Path(run_dir) / "adapter"
-    bundle.model.save_pretrained(str(adapter_dir))
-    (adapter_dir / "labels.json").write_text(json.dumps(list(plan.label_names)))
-    write_privacy_section(adapter_dir, recorder.privacy_statement())
+    plan.task.export(bundle.model, adapter_dir, cfg.model, list(plan.label_names))
+    write_model_card(adapter_dir, recorder.privacy_statement(), plan)
     return recorder.finalize(
         num_clients=plan.num_clients,
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),

@@ -2,15 +2,15 @@ import numpy as np
 import torch
 
 from fedlora.lora import build_lora_model, get_arrays, set_arrays, subtract, trainable_names
-from fedlora.models import load_base_model, load_tokenizer
 from fedlora.runtime import get_bundle
-from fedlora.training import tokenize, train_plain
+from fedlora.tasks import get_task
+from fedlora.training import train_plain
 from fedlora.data.sources import load_task_data_cached
 
 
 def _model(cfg):
-    tok = load_tokenizer(cfg.model)
-    return build_lora_model(load_base_model(cfg.model, 2, tok, 0), cfg.lora)
+    _, base = get_task(cfg.model).load(cfg.model, 2, 0)
+    return build_lora_model(base, cfg.lora)
 
 
 def test_delta_round_trip(tiny_cfg):
@@ -61,8 +61,9 @@ def test_ffa_lora_sends_no_a_and_a_stays_fixed(tiny_cfg):
     assert any("classifier" in n for n in names)
     a_before = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if "lora_A" in n}
     b_before = [a.copy() for a in get_arrays(bundle.model, names)]
-    data = tokenize(task.train.select(range(32)), bundle.tokenizer, cfg.model.max_length)
-    train_plain(bundle.model, data, cfg.train, 3, torch.Generator().manual_seed(0))
+    classification = get_task(cfg.model)
+    data = classification.encode(task.train.select(range(32)), bundle.tokenizer, cfg.model)
+    train_plain(bundle.model, data, cfg.train, 3, torch.Generator().manual_seed(0), classification.loss)
     params = dict(bundle.model.named_parameters())
     for n, before in a_before.items():
         assert torch.equal(params[n], before), f"{n} moved under FFA-LoRA"

@@ -1,18 +1,20 @@
 """End to end: the real packaged MiniLM in a real Flower simulation (Ray backend)."""
 
 import json
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 from peft import PeftModel
 
 from fedlora.data import load_task_data
-from fedlora.models import load_base_model, load_tokenizer
-from fedlora.training import evaluate, tokenize
+from fedlora.tasks import get_task
 
 pytestmark = pytest.mark.integration
 
@@ -66,13 +68,14 @@ def test_results_json_is_complete(run_dir):
 def test_adapter_reloads_with_peft_and_gives_the_reported_accuracy(run_dir):
     res = json.loads((run_dir / "results.json").read_text())
     cfg = OmegaConf.create(res["config"])
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_base_model(cfg.model, 2, tokenizer, seed=123)
+    classification = get_task(cfg.model)
+    tokenizer, base = classification.load(cfg.model, 2, seed=123)
     fresh_head = base.classifier.weight.detach().clone()
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     task = load_task_data(cfg.data, cfg.seed)
-    data = tokenize(task.test, tokenizer, cfg.model.max_length)
-    loss, acc = evaluate(model, data, cfg.train.eval_batch_size, cfg.train.precision)
+    data = classification.encode(task.test, tokenizer, cfg.model)
+    metrics = classification.evaluate(model, data, cfg.train.eval_batch_size, cfg.train.precision)
+    loss, acc = metrics["loss"], metrics["accuracy"]
     assert acc == pytest.approx(res["final"]["accuracy"], abs=1e-9)
     assert loss == pytest.approx(res["final"]["loss"], rel=1e-4)
     # The head came from the adapter, not from the (differently seeded) fresh base.
@@ -121,3 +124,66 @@ def test_tracked_offline_in_wandb_and_no_wandb_process_left(run_dir):
             if not psutil.pid_exists(int(cmd[cmd.index("--pid") + 1])):
                 leftovers.append(" ".join(cmd))
     assert not leftovers, leftovers
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(marker: str) -> str:
+    """The README's python code block that contains ``marker`` (what users copy)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return next(b for b in blocks if marker in b)
+
+
+def _test_split_csv(cfg, path: Path) -> Path:
+    task = load_task_data(cfg.data, cfg.seed)
+    pd.DataFrame({"text": task.test["text"], "label": [task.label_names[y] for y in task.test["label"]]}).to_csv(
+        path, index=False)
+    return path
+
+
+def test_the_readme_lines_load_the_run_and_rescore_its_accuracy(run_dir, tmp_path):
+    """Exactly the README's lines (`load_run`), then the test split re-scored, and the
+    `python -m fedlora.predict --file` command, both give the reported accuracy."""
+    res = json.loads((run_dir / "results.json").read_text())
+    cfg = OmegaConf.create(res["config"])
+    scope: dict = {}
+    exec(readme_block("load_run(").replace("outputs/2026-12-01/10-00-00", str(run_dir)), scope)
+    classification = get_task(cfg.model)
+    data = classification.encode(load_task_data(cfg.data, cfg.seed).test, scope["tokenizer"], cfg.model)
+    metrics = classification.evaluate(scope["model"], data, cfg.train.eval_batch_size, cfg.train.precision)
+    assert metrics["accuracy"] == pytest.approx(res["final"]["accuracy"], abs=1e-9)
+    assert scope["labels"] == res["final"]["label_names"]
+    csv = _test_split_csv(cfg, tmp_path / "test.csv")
+    out = subprocess.run([sys.executable, "-m", "fedlora.predict", str(run_dir), "--file", str(csv),
+                          "--text-column", "text", "--label-column", "label"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # predict pads each batch to its own longest row: the same predictions, so the same accuracy.
+    reported = float(out.stdout.strip().splitlines()[-1].split()[1])
+    assert reported == pytest.approx(res["final"]["accuracy"], abs=1.5 / len(data))
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "## Differential privacy" in card and "## How to load" in card and "load_run" in card
+    assert "[More Information Needed]" not in card
+
+
+def test_with_the_architectures_own_head_stock_peft_loads_the_adapter(tmp_path):
+    """model.pooling=model: the README's stock transformers + PEFT lines load the run's
+    adapter and re-score the test split to the reported accuracy."""
+    cmd = [sys.executable, "-m", "simulations.run", "model.pooling=model", "train.probe_steps=0",
+           "federation.num_clients=2", "federation.rounds=1", "data.max_train_samples=48",
+           "data.max_test_samples=24", "model.max_length=48", "train.batch_size=8", "train.local_steps=2",
+           "tracking=none", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    cfg = OmegaConf.create(res["config"])
+    scope: dict = {}
+    exec(readme_block("PeftConfig.from_pretrained").replace("outputs/2026-12-01/10-00-00", str(tmp_path)), scope)
+    classification = get_task(cfg.model)
+    data = classification.encode(load_task_data(cfg.data, cfg.seed).test, scope["tokenizer"], cfg.model)
+    metrics = classification.evaluate(scope["model"], data, cfg.train.eval_batch_size, cfg.train.precision)
+    assert metrics["accuracy"] == pytest.approx(res["final"]["accuracy"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(res["final"]["loss"], rel=1e-4)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"]  # names the base, so stock loaders find it
+    assert "AutoModelForSequenceClassification" in (tmp_path / "adapter" / "README.md").read_text()

@@ -1,0 +1,92 @@
+"""The task interface: everything about the model and its data that training, the
+client, the strategy and the record must not know.
+
+A task owns loading the base model and tokenizer, turning rows into model inputs, the
+loss, evaluation, which parameters train and travel (through its PEFT task type and
+LoRA targets), an optional separable head for linear probing, and exporting the final
+model. Adding a task (e.g. causal-LM instruction tuning) is adding one module that
+implements :class:`Task` and registering it in :mod:`fedlora.tasks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import TaskType
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class Task(ABC):
+    """One kind of fine-tuning. Stateless: one instance serves every process."""
+
+    #: Name in ``model.task``.
+    name: str
+    #: PEFT's task type: which wrapper, and which extra modules (a head) train and travel.
+    peft_task_type: TaskType
+    #: The evaluation metric reported as the run's (and the report's) headline number.
+    metric: str = "accuracy"
+
+    @abstractmethod
+    def load(self, model_cfg: Any, num_labels: int, seed: int) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        """(tokenizer, base model), the head initialised from ``seed`` where it is fresh."""
+
+    @abstractmethod
+    def encode(self, rows: Dataset, tokenizer: PreTrainedTokenizerBase, model_cfg: Any) -> TensorDataset:
+        """Rows (``text``, ``label``) as model inputs; the last tensor is the target."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The mean over the batch's examples of each example's own loss: what Opacus's
+        ``loss_reduction="mean"`` assumes, so per-example gradients are exact."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, data: TensorDataset, batch_size: int,
+                 precision: str = "fp32") -> dict[str, float]:
+        """``{"loss": ..., self.metric: ...}`` over ``data``."""
+
+    def probe_inputs(self, model: torch.nn.Module, data: TensorDataset, batch_size: int,
+                     precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
+        """(features, targets, trainable linear head) for linear probing under the current
+        adapter. Tasks without a separable head refuse it (``train.probe_steps``)."""
+        from fedlora.errors import ConfigError
+
+        raise ConfigError("train.probe_steps", f"the {self.name} task has no separable head to probe; "
+                          "set train.probe_steps=0")
+
+    @abstractmethod
+    def export(self, model: torch.nn.Module, out_dir: Path, model_cfg: Any, label_names: list[str]) -> None:
+        """Write the final model (adapter and what loading it needs) to ``out_dir``."""
+
+    @abstractmethod
+    def load_trained(self, run_dir: Path, cfg: Any) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, list[str]]:
+        """(tokenizer, model with the run's final adapter, label names) of a finished run."""
+
+
+def autocast(precision: str):
+    """bf16 autocast for forward-only passes where the CPU supports it, else a no-op.
+
+    Only evaluation and probe features use it: DP-SGD's per-sample gradients, clipping
+    and noise stay in fp32.
+    """
+    if precision == "bf16" or (precision == "auto" and _bf16_supported()):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def trim(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows are padded to max_length: cut the batch to its longest real row."""
+    length = max(1, int(mask.sum(dim=1).max()))
+    return input_ids[:, :length], mask[:, :length]
