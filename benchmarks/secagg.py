@@ -29,7 +29,8 @@ from flwr.server.workflow import DefaultWorkflow  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from fedlora.client_app import secure_mod  # noqa: E402
-from fedlora.secure import SecAggSettings, clip_l2  # noqa: E402
+from fedlora.arrays import clip_l2  # noqa: E402
+from fedlora.secure import SecAggSettings  # noqa: E402
 from strategies.fedlora_strategy import FedLoRAStrategy  # noqa: E402
 from strategies.server_app import secagg_workflow  # noqa: E402
 

@@ -19,13 +19,14 @@ import torch
 from flwr.app import Context
 from flwr.client import NumPyClient
 
-from fedlora.attacks import COLLUDING, MODEL_POISONING, alie_z, flip_labels, poison_delta
+from fedlora.attacks import alie_z, get_attack
 from fedlora.client_state import EXPERIMENT_KEY, HISTORY_KEY, SpendLog, state_dir
 from fedlora.config import seed_for
 from fedlora.data import TaskData, client_split
 from fedlora.data.sources import load_node_data
 from fedlora.errors import ConfigError
-from fedlora.lora import flatten, get_arrays, set_arrays, subtract, unflatten
+from fedlora.arrays import flatten, subtract, unflatten
+from fedlora.lora import get_arrays, set_arrays
 from fedlora.plan import ExperimentPlan, config_key, weight_examples
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
 from fedlora.privacy.randomness import NOISE, SAMPLING
@@ -65,7 +66,7 @@ class LoRAClient(NumPyClient):
             self.train_idx, self.val_idx = mine.train_indices, mine.val_indices
             self.num_examples = mine.num_examples
         self.dp = mine.dp
-        self.attack = str(cfg.attack.name)
+        self.attack = get_attack(str(cfg.attack.name))
         self.colluders = plan.malicious
         self.malicious = mine.malicious
 
@@ -80,14 +81,14 @@ class LoRAClient(NumPyClient):
         else:
             other = self.plan.client(pid)
             idx = other.train_indices if split == "train" else other.val_indices
-        flip = split == "train" and self.attack == "label_flip" and pid in self.colluders
+        flip = split == "train" and self.attack.poisons_data and pid in self.colluders
         key = (self.data_key, split, pid, flip)
         return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
 
     def _tokenize(self, bundle: ModelBundle, idx, flip: bool):
         rows = self.task.train.select(idx)
         if flip:  # data poisoning: the malicious client trains on flipped labels
-            flipped = flip_labels(np.asarray(rows["label"]), self.task.num_labels)
+            flipped = self.attack.poison_labels(np.asarray(rows["label"]), self.task.num_labels)
             rows = rows.remove_columns("label").add_column("label", flipped.tolist())
         return self.plan.task.encode(rows, bundle.tokenizer, self.cfg.model)
 
@@ -142,12 +143,12 @@ class LoRAClient(NumPyClient):
         flat = flatten(delta)
         honest = None
         params = dict(cfg.attack)
-        if self.attack in COLLUDING:
+        if self.attack.colluding:
             honest = self._colluders_honest_deltas(bundle, parameters, flat, server_round)
-            if self.attack == "alie" and params.get("z") is None:
+            if self.attack.name == "alie" and params.get("z") is None:
                 params["z"] = alie_z(self.plan.clients_per_round, len(self.colluders))
         rng = np.random.default_rng(seed_for(cfg.seed, self.partition_id, server_round, ATTACK_SALT))
-        return unflatten(poison_delta(self.attack, flat, params, rng, honest), delta)
+        return unflatten(self.attack.poison_delta(flat, params, rng, honest), delta)
 
     def spend_log(self, config: dict[str, Any]) -> SpendLog:
         """This client's own spend record for the experiment the server names."""
@@ -189,8 +190,8 @@ class LoRAClient(NumPyClient):
         reply.train_loss = stats.loss if stats.steps else probe.loss
         delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
         if self.malicious:
-            reply.attack = self.attack
-            if self.attack in MODEL_POISONING:
+            reply.attack = self.attack.name
+            if self.attack.poisons_model:
                 delta = self._poison(bundle, parameters, delta, server_round)
         # Sent only where the policy allows it (without DP, or the norm of a noised update).
         reply.update_norm = float(np.linalg.norm(flatten(delta)))

@@ -75,25 +75,3 @@ def set_arrays(model: torch.nn.Module, names: list[str], arrays: list[np.ndarray
                     f"adapter tensor {name}: shape {tuple(array.shape)} != {tuple(target.shape)}"
                 )
             target.copy_(torch.as_tensor(np.asarray(array), dtype=target.dtype))
-
-
-def subtract(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
-    return [x - y for x, y in zip(a, b)]
-
-
-def num_parameters(arrays: list[np.ndarray]) -> int:
-    return int(sum(a.size for a in arrays))
-
-
-def flatten(arrays: list[np.ndarray]) -> np.ndarray:
-    """The tensors as one float32 vector (the row an aggregator sees)."""
-    return np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in arrays])
-
-
-def unflatten(vector: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
-    """Split a flat vector back into tensors shaped (and typed) like ``like``."""
-    out, offset = [], 0
-    for ref in like:
-        out.append(vector[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype))
-        offset += ref.size
-    return out

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
+from fedlora.arrays import clip_l2
 from fedlora.errors import ConfigError
 
 
@@ -132,15 +133,6 @@ def check_secure(cfg: Any, clients_per_round: int, robust: bool) -> None:
             f"{clients_per_round} clients x {q} levels exceed the modulus {mod}: the masked sum would wrap "
             "around; lower secure.quantization_range",
         )
-
-
-def clip_l2(delta: list[np.ndarray], max_norm: float) -> tuple[list[np.ndarray], bool]:
-    """``delta`` scaled to L2 norm <= ``max_norm`` (and whether it had to be)."""
-    norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
-    if norm <= max_norm:
-        return delta, False
-    scale = max_norm / norm
-    return [(d * scale).astype(d.dtype) for d in delta], True
 
 
 def prepare_update(delta: list[np.ndarray], settings: SecAggSettings) -> list[np.ndarray]:

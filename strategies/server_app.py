@@ -37,6 +37,7 @@ from fedlora.results import RunRecorder
 from fedlora.runtime import get_bundle
 from fedlora.secure import SecAggSettings
 from fedlora.tracking import attach_tracking
+from strategies.client_dp import ClientLevelDP
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.preflight import preflight
 
@@ -64,7 +65,7 @@ class ClientDPSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def __call__(self, grid: Grid, context: Context) -> None:
         super().__call__(grid, context)
-        strategy: FedLoRAStrategy = context.strategy
+        strategy: ClientLevelDP = context.strategy
         if strategy.completed_round < strategy.started_round:
             # Not logged: that it halted says the draw was small (the server-internal record has it).
             strategy.secagg_halted(strategy.started_round)
@@ -151,13 +152,13 @@ def run_server(
         min_available_clients=int(fed.min_available_clients),
         evaluate_fn=evaluate_fn,
         recorder=recorder,
-        client_dp=plan.client_dp,
-        noise=plan.noise,
         experiment_id=recorder.experiment_id,
         on_round_start=lambda server_round, strat: _save(run_dir, strat, recorder, strat.completed_round),
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
         min_fit_results=plan.min_fit_results,
     )
+    if plan.client_dp is not None:
+        strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)
     remaining = int(fed.rounds)
     if ckpt is not None:
         remaining = _restore(strategy, recorder, ckpt, run_dir, echo)

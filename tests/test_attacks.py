@@ -5,11 +5,11 @@ import pytest
 import tempfile
 from omegaconf import OmegaConf
 
-from fedlora.attacks import alie_z, flip_labels, malicious_clients, poison_delta
+from fedlora.attacks import ATTACKS, Attack, alie_z, flip_labels, get_attack, malicious_clients, poison_delta
 from fedlora.client import LoRAClient
 from fedlora.plan import build_plan_cached
 from fedlora.errors import ConfigError
-from fedlora.lora import flatten
+from fedlora.arrays import flatten
 
 
 def _attack(**kw):
@@ -104,3 +104,24 @@ def test_label_flip_changes_the_training_data_only_for_malicious_clients(tiny_cf
     np.testing.assert_array_equal(y_bad.numpy(), 1 - y_good.numpy())
     # Validation data (used to report accuracy) is never flipped.
     np.testing.assert_array_equal(bad._data(bundle, "val").tensors[2], good._data(bundle, "val").tensors[2])
+
+
+HALVE = Attack("halve", poison_delta=lambda delta, params, rng, honest=None: (0.5 * delta).astype(np.float32))
+
+
+def halve_fn(delta, params, rng, honest=None):
+    return (0.5 * delta).astype(np.float32)
+
+
+def test_a_users_attack_plugs_in_by_dotted_path_like_an_aggregator():
+    for path in (f"{__name__}.HALVE", f"{__name__}.halve_fn"):
+        attack = get_attack(path)
+        assert attack.poisons_model and not attack.poisons_data and not attack.colluding
+        d = np.arange(4, dtype=np.float32)
+        np.testing.assert_allclose(attack.poison_delta(d, {}, np.random.default_rng(0)), 0.5 * d)
+    assert malicious_clients(_attack(name=f"{__name__}.HALVE", clients=[2]), 4) == [2]
+    with pytest.raises(ConfigError) as err:
+        get_attack(f"{__name__}.missing")
+    assert err.value.setting == "attack.name"
+    assert {"sign_flip", "scaling", "gaussian", "alie", "ipm", "label_flip"} <= set(ATTACKS)
+    assert get_attack("label_flip").poisons_data and get_attack("alie").colluding

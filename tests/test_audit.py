@@ -11,6 +11,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from fedlora.audit import AUDIT_FILE, GENESIS, AuditLog, AuditTrail, config_hash, verify_audit
 from fedlora.results import RunRecorder
 from fedlora.privacy.randomness import NoiseSource
+from strategies.client_dp import ClientLevelDP
 from strategies.fedlora_strategy import FedLoRAStrategy
 
 CONFIG = {
@@ -185,8 +186,8 @@ def test_client_level_dp_audit_holds_every_client_epsilon_and_no_participant(tmp
     trail = AuditTrail(tmp_path, config)
     rec.listeners.append(trail)
     trail.start(rec)
-    strategy = FedLoRAStrategy(initial_arrays=[np.zeros(6, np.float32)], recorder=rec, client_dp=plan,
-                               noise=NoiseSource(0), min_available_clients=2)
+    strategy = ClientLevelDP(FedLoRAStrategy(initial_arrays=[np.zeros(6, np.float32)], recorder=rec,
+                                             min_available_clients=2), plan, NoiseSource(0))
     manager = SimpleClientManager()
     for node in range(101, 111):
         manager.register(GridClientProxy(node, None, 0))

@@ -13,7 +13,8 @@ from fedlora.privacy import epsilon_from_history
 from fedlora.privacy.calibration import plan_client_dp
 from fedlora.privacy.ledger import EVERY_CLIENT
 from fedlora.results import RunRecorder
-from strategies.client_dp import gaussian_fedavg, poisson_sample
+from fedlora.privacy.dp_fedavg import gaussian_fedavg, poisson_sample
+from strategies.client_dp import ClientLevelDP
 from fedlora.privacy.randomness import NoiseSource
 from strategies.fedlora_strategy import FedLoRAStrategy
 
@@ -90,8 +91,8 @@ def test_strategy_runs_the_mechanism_and_the_ledger_recomputes_epsilon(tmp_path)
     plan = plan_client_dp(PRIV, 100, 0.5, 3)
     ref = [np.zeros(8, np.float32)]
     rec = RunRecorder(tmp_path, {}, privacy_unit="client", delta=plan.delta, num_rounds=3)
-    strategy = FedLoRAStrategy(initial_arrays=ref, recorder=rec, client_dp=plan, noise=NoiseSource(0),
-                               min_available_clients=2)
+    strategy = ClientLevelDP(FedLoRAStrategy(initial_arrays=ref, recorder=rec, min_available_clients=2), plan,
+                             NoiseSource(0))
     manager = SimpleClientManager()
     proxies = {str(i): GridClientProxy(i, None, 0) for i in range(1, 11)}
     for p in proxies.values():
@@ -122,8 +123,8 @@ def test_strategy_runs_the_mechanism_and_the_ledger_recomputes_epsilon(tmp_path)
 def test_empty_poisson_sample_still_moves_the_model_by_noise(tmp_path):
     plan = plan_client_dp(OmegaConf.merge(PRIV, {"delta": 1e-3}), 10, 1e-6, 1)
     rec = RunRecorder(tmp_path, {}, privacy_unit="client", delta=plan.delta, num_rounds=1)
-    strategy = FedLoRAStrategy(initial_arrays=[np.zeros(4, np.float32)], recorder=rec, client_dp=plan,
-                               min_available_clients=1)
+    strategy = ClientLevelDP(FedLoRAStrategy(initial_arrays=[np.zeros(4, np.float32)], recorder=rec,
+                                             min_available_clients=1), plan)
     manager = SimpleClientManager()
     manager.register(GridClientProxy(1, None, 0))
     assert strategy.configure_fit(1, ndarrays_to_parameters(strategy.global_arrays), manager) == []
@@ -150,8 +151,8 @@ def test_a_resumed_run_draws_fresh_noise_unless_a_noise_seed_is_set(seed):
         manager.register(GridClientProxy(i, None, 0))
 
     def strategy():
-        return FedLoRAStrategy(initial_arrays=[np.zeros(8, np.float32)], client_dp=plan, noise=NoiseSource(seed),
-                               min_available_clients=4)
+        return ClientLevelDP(FedLoRAStrategy(initial_arrays=[np.zeros(8, np.float32)], min_available_clients=4),
+                             plan, NoiseSource(seed))
 
     whole = strategy()
     _client_dp_rounds(whole, manager, [1])

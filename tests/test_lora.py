@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from fedlora.lora import build_lora_model, get_arrays, set_arrays, subtract, trainable_names
+from fedlora.arrays import subtract
+from fedlora.lora import build_lora_model, get_arrays, set_arrays, trainable_names
 from fedlora.runtime import get_bundle
 from fedlora.tasks import get_task
 from fedlora.training import train_plain

@@ -24,7 +24,7 @@ from scipy import stats
 from fedlora.client import LoRAClient
 from fedlora.plan import build_plan_cached
 from fedlora.client_state import SpendLog, extends
-from fedlora.lora import flatten
+from fedlora.arrays import flatten
 from fedlora.privacy import epsilon_from_history
 from fedlora.privacy.randomness import SAMPLING, NoiseSource
 

@@ -18,8 +18,10 @@ from fedlora.client_app import secure_mod
 from fedlora.errors import ConfigError
 from fedlora.privacy.calibration import ClientDPPlan
 from fedlora.privacy.randomness import SERVER_SAMPLING, NoiseSource
-from fedlora.secure import check_secure, clip_l2, prepare_update, quantization_error, secure_settings
-from strategies.client_dp import poisson_sample
+from fedlora.arrays import clip_l2
+from fedlora.secure import check_secure, prepare_update, quantization_error, secure_settings
+from fedlora.privacy.dp_fedavg import poisson_sample
+from strategies.client_dp import ClientLevelDP
 from strategies.fedlora_strategy import FedLoRAStrategy
 from strategies.server_app import secagg_workflow
 
@@ -63,7 +65,8 @@ def _drop_after_key_sharing(dropped):
     return mod
 
 
-def _run(dropped=(), rounds=1, client_fn=None, num_clients=len(SIZES), settings=SETTINGS, **strategy_kwargs):
+def _run(dropped=(), rounds=1, client_fn=None, num_clients=len(SIZES), settings=SETTINGS, client_dp=None,
+         noise=None, **strategy_kwargs):
     strategies = []
 
     server = ServerApp()
@@ -73,9 +76,11 @@ def _run(dropped=(), rounds=1, client_fn=None, num_clients=len(SIZES), settings=
         strategy = FedLoRAStrategy(initial_arrays=[np.zeros(s, np.float32) for s in SHAPES],
                                    min_fit_clients=num_clients, min_available_clients=num_clients,
                                    fraction_evaluate=0.0, **strategy_kwargs)
+        if client_dp is not None:
+            strategy = ClientLevelDP(strategy, client_dp, noise)
         strategies.append(strategy)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
-        workflow = secagg_workflow(settings, client_dp=strategy.client_dp is not None)
+        workflow = secagg_workflow(settings, client_dp=client_dp is not None)
         DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
     client = ClientApp(

@@ -16,7 +16,8 @@ from fedlora.errors import ConfigError
 from fedlora.privacy import epsilon_from_history
 from fedlora.results import RunRecorder
 from fedlora.tracking import attach_tracking, check_tracking, client_epsilon_rows, resolve_mode, round_metrics
-from strategies.fedlora_strategy import FedLoRAStrategy, payload_bytes
+from strategies.fedlora_strategy import FedLoRAStrategy
+from strategies.triage import payload_bytes
 
 
 # -- reading an offline run back ---------------------------------------------------------

@@ -4,7 +4,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from strategies.fedlora_strategy import FedLoRAStrategy
-from fedlora.lora import flatten, unflatten
+from fedlora.arrays import flatten, unflatten
 from strategies.validation import validate_update
 
 REF = [np.zeros((4, 3), np.float32), np.zeros(5, np.float32)]
@@ -77,7 +77,7 @@ def test_strategy_keeps_global_when_every_update_is_bad():
 
 
 def test_failure_reason_is_one_short_line():
-    from strategies.fedlora_strategy import failure_reason
+    from strategies.triage import failure_reason
 
     err = RuntimeError("Traceback ...\\n  File x\\nValueError: the real cause")
     assert failure_reason(err) == "ValueError: the real cause"

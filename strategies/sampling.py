@@ -1,0 +1,71 @@
+"""Who trains this round: uniform sampling of the clients with budget left, and each
+sampled client's own history attached to its instruction after a resume.
+
+(Client-level DP samples by Poisson instead: :mod:`strategies.client_dp`.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from flwr.common import FitIns, GetPropertiesIns
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
+
+from fedlora.client_state import HISTORY_KEY
+
+
+class Excluding(Criterion):
+    """Sample only clients not in ``excluded`` (e.g. those whose budget is spent)."""
+
+    def __init__(self, excluded: set[str]) -> None:
+        self.excluded = excluded
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.cid not in self.excluded
+
+
+def how_many(fraction: float, minimum: int, available: int) -> int:
+    """``fraction`` of ``available``, rounded up, and at least ``minimum``."""
+    return max(math.ceil(fraction * available), minimum)
+
+
+def uniform_sample(
+    client_manager: ClientManager, fraction: float, min_clients: int, min_available: int, excluded: set[str]
+) -> tuple[list[ClientProxy], int]:
+    """``fraction`` of the eligible clients (not ``excluded``) uniformly without
+    replacement, and how many were eligible; no clients when fewer than needed are."""
+    # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
+    client_manager.wait_for(min_available)
+    eligible = client_manager.num_available() - len(excluded)
+    n = how_many(fraction, min_clients, eligible)
+    if n > eligible:
+        return [], eligible
+    return client_manager.sample(num_clients=n, min_num_clients=min_available, criterion=Excluding(excluded)), eligible
+
+
+def attach_histories(
+    instructions: list[tuple[ClientProxy, FitIns]],
+    histories: dict[str, list[list[float]]],
+    node_clients: dict[str, str],
+    server_round: int,
+) -> list[tuple[ClientProxy, FitIns]]:
+    """Each sampled client's own ledger history in its own instruction (never another
+    client's). A node's client id not yet known is asked once (get_properties) and
+    remembered in ``node_clients``."""
+    if not histories:
+        return instructions
+    out = []
+    for proxy, ins in instructions:
+        cid = node_clients.get(proxy.cid)
+        if cid is None:
+            res = proxy.get_properties(GetPropertiesIns({}), timeout=None, group_id=server_round)
+            cid = str(res.properties.get("partition_id", ""))
+            node_clients[proxy.cid] = cid
+        history = histories.get(cid)
+        if history:
+            ins = FitIns(ins.parameters, {**ins.config, HISTORY_KEY: json.dumps(history)})
+        out.append((proxy, ins))
+    return out

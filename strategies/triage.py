@@ -1,0 +1,114 @@
+"""Reply triage: the round's results and failures sorted into what may be aggregated.
+
+Each reply becomes a record (its typed :class:`~fedlora.reply.FitReply` fields plus the
+node id and the bytes it moved). Declining clients (budget spent) are set aside, every
+update is validated (:mod:`strategies.validation`) before it may reach a rule, and
+every failure is reduced to one readable line. Nothing here aggregates or logs: the
+strategy decides what the batch means and what may be said about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.common import FitRes, Parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+
+from fedlora.arrays import flatten
+from fedlora.reply import FitReply
+from strategies.validation import validate_update
+
+
+def payload_bytes(parameters: Parameters) -> int:
+    """Bytes of the serialized tensors in a message (Flower's framing not counted)."""
+    return sum(len(t) for t in parameters.tensors)
+
+
+def failure_reason(failure: Any, limit: int = 400) -> str:
+    """A client failure in one readable line: the last line of its error, shortened."""
+    if isinstance(failure, BaseException):
+        text = str(failure)
+    else:
+        text = f"status {failure[1].status.code.name}: {failure[1].status.message}"
+    lines = [ln.strip() for ln in text.replace("\\n", "\n").splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(failure).__name__
+    return last[-limit:]
+
+
+@dataclass
+class ReplyBatch:
+    """One round's replies, triaged.
+
+    ``clients`` has a record per reply (accepted, rejected or declined); ``rejected``
+    has the rejected replies and the failures; ``updates`` (n, d) holds the accepted
+    deltas, flattened, with their ``weights`` and the client behind each row in
+    ``row_cids``; ``declined_nodes`` are the nodes whose client declined.
+    """
+
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    updates: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    row_cids: list[Any] = field(default_factory=list)
+    declined_nodes: list[str] = field(default_factory=list)
+    num_results: int = 0
+    num_failures: int = 0
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.row_cids)
+
+    def expected_updates(self) -> int:
+        """Replies and failures, less the clients that declined (planned, not failed)."""
+        return self.num_results + self.num_failures - len(self.declined_nodes)
+
+
+def stack(rows: list[np.ndarray], d: int) -> np.ndarray:
+    """Flat rows into one (n, d) float32 matrix (n may be 0)."""
+    updates = np.empty((len(rows), d), dtype=np.float32)
+    for i, row in enumerate(rows):
+        updates[i] = row
+    return updates
+
+
+def triage(
+    results: list[tuple[ClientProxy, FitRes]],
+    failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    reference: list[np.ndarray],
+    bytes_down: int,
+) -> ReplyBatch:
+    """Sort a round's replies against the global adapter ``reference``."""
+    batch = ReplyBatch(num_results=len(results), num_failures=len(failures))
+    rows: list[np.ndarray] = []
+    weights: list[int] = []
+    for proxy, res in results:
+        reply = FitReply.from_metrics(res.metrics, default_partition=proxy.cid)
+        info = {**reply.as_record(), "node_id": proxy.cid,
+                "bytes_up": payload_bytes(res.parameters), "bytes_down": bytes_down}
+        if reply.declined:
+            batch.declined_nodes.append(proxy.cid)
+            info["accepted"] = False
+            batch.clients.append(info)
+            continue
+        arrays = parameters_to_ndarrays(res.parameters)
+        reason = validate_update(arrays, reference)
+        if reason is None and res.num_examples <= 0:
+            reason = f"num_examples must be positive, got {res.num_examples}"
+        info["accepted"] = reason is None
+        if reason is None:
+            rows.append(flatten(arrays))
+            weights.append(res.num_examples)
+            batch.row_cids.append(info["cid"])
+        else:
+            info["reason"] = reason
+            batch.rejected.append(info)
+        batch.clients.append(info)
+    for failure in failures:
+        node = None if isinstance(failure, BaseException) else failure[0].cid
+        batch.rejected.append({"cid": None, "node_id": node, "accepted": False, "reason": failure_reason(failure),
+                               "bytes_down": bytes_down})
+    batch.updates = stack(rows, sum(a.size for a in reference))
+    batch.weights = np.asarray(weights, dtype=np.float64)
+    return batch
