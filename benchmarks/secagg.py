@@ -28,11 +28,11 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig  # noqa: E4
 from flwr.server.workflow import DefaultWorkflow  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from fedlora.client_app import secure_mod  # noqa: E402
-from fedlora.arrays import clip_l2  # noqa: E402
-from fedlora.secure import SecAggSettings  # noqa: E402
+from fedlora.client.app import secure_mod  # noqa: E402
+from fedlora.core.arrays import clip_l2  # noqa: E402
+from fedlora.core.secure import SecAggSettings  # noqa: E402
 from strategies.fedlora_strategy import FedLoRAStrategy  # noqa: E402
-from strategies.server_app import secagg_workflow  # noqa: E402
+from strategies.secagg import secagg_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 74_498

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 
-from fedlora.config import compose
+from fedlora.client.training import DPGenerators, _dp_parts, _step, make_optimizer
+from fedlora.core.config import compose
 from fedlora.data.sources import load_task_data_cached
 from fedlora.privacy.calibration import DPPlan
 from fedlora.privacy.randomness import NoiseSource
-from fedlora.runtime import get_bundle
 from fedlora.tasks import get_task
-from fedlora.training import DPGenerators, _dp_parts, _step, make_optimizer
+from fedlora.tasks.runtime import get_bundle
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

@@ -20,16 +20,21 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
-from fedlora.config import seed_for
+from fedlora.core.config import seed_for
+from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
+from fedlora.core.units import CLIENT, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
 from fedlora.data.sources import TaskData, load_task_data_cached
 from fedlora.privacy import DPPlan, plan_sample_dp
 from fedlora.privacy.budgets import client_epsilon
-from fedlora.privacy.calibration import ClientDPPlan, client_level_plan, clients_per_round, declared_examples
+from fedlora.privacy.calibration import (
+    ClientDPPlan,
+    client_level_plan,
+    clients_per_round,
+    declared_examples,
+)
 from fedlora.privacy.randomness import NoiseSource
-from fedlora.privacy.units import CLIENT, SAMPLE, unit_of
-from fedlora.release import ReleasePolicy
-from fedlora.secure import SecAggSettings, secure_enabled, secure_settings
+from fedlora.privacy.release import ReleasePolicy
 from fedlora.tasks import Task, get_task
 
 

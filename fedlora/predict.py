@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from fedlora.core.errors import ConfigError
 from fedlora.data.sources import read_table
-from fedlora.errors import ConfigError
 from fedlora.tasks import get_task
 
 

@@ -2,7 +2,7 @@
 
 The client fills a :class:`FitReply`; :meth:`FitReply.to_metrics` turns it into Flower
 metrics holding only what the release policy lets this mode send
-(:mod:`fedlora.release`); the server reads it back with :meth:`FitReply.from_metrics`
+(:mod:`fedlora.privacy.release`); the server reads it back with :meth:`FitReply.from_metrics`
 and records it with :meth:`FitReply.as_record`. Nobody else spells a key.
 """
 
@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from fedlora.release import ReleasePolicy
+from fedlora.privacy.release import ReleasePolicy
 
 HistoryEntry = tuple[float, float, int, int]  # noise_multiplier, sample_rate, steps, round
 

@@ -29,11 +29,11 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from fedlora.checkpoint import run_config  # noqa: E402
-from fedlora.client_state import CLIENT_STATE_DIR  # noqa: E402
-from fedlora.config import plain_config  # noqa: E402
-from fedlora.errors import ConfigError  # noqa: E402
-from fedlora.results import epsilon_text  # noqa: E402
+from fedlora.client.state import CLIENT_STATE_DIR  # noqa: E402
+from fedlora.core.config import plain_config  # noqa: E402
+from fedlora.core.errors import ConfigError  # noqa: E402
+from fedlora.record.checkpoint import run_config  # noqa: E402
+from fedlora.record.results import epsilon_text  # noqa: E402
 from strategies.preflight import backend_cpus, preflight  # noqa: E402
 
 log = logging.getLogger("simulations.run")
@@ -74,7 +74,7 @@ def run_experiment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Preflight, then a Flower simulation; returns the ``final`` block of results.json."""
     from flwr.simulation import run_simulation
 
-    from fedlora.client_app import make_client_app
+    from fedlora.client.app import make_client_app
     from strategies.server_app import make_server_app
 
     cfg = plain_config(cfg)

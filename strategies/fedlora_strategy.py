@@ -41,9 +41,9 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from fedlora.arrays import unflatten
-from fedlora.checkpoint import Checkpoint
-from fedlora.client_state import EXPERIMENT_KEY
+from fedlora.client.state import EXPERIMENT_KEY
+from fedlora.core.arrays import unflatten
+from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
 from strategies.sampling import attach_histories, how_many, uniform_sample
 from strategies.triage import ReplyBatch, payload_bytes, triage
@@ -372,7 +372,7 @@ class FedLoRAStrategy(Strategy):
             self.on_round_end(server_round, self)
 
     def checkpoint(self, server_round: int) -> Checkpoint:
-        """Everything needed to continue after ``server_round`` (see :mod:`fedlora.checkpoint`)."""
+        """Everything needed to continue after ``server_round`` (see :mod:`fedlora.record.checkpoint`)."""
         # No generator state: every round draws fresh randomness (see NoiseSource).
         state = {"exhausted": sorted(self.exhausted), "experiment_id": self.experiment_id,
                  "started_round": max(self.started_round, server_round)}

@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-
 from fedlora.attacks import malicious_clients
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
+from fedlora.core.secure import check_secure
+from fedlora.core.units import CLIENT, NONE, SAMPLE, UNITS
 from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params, build_plan
 from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import check_budget, clients_per_round
-from fedlora.privacy.units import CLIENT, NONE, SAMPLE, UNITS
-from fedlora.runtime import get_bundle
-from fedlora.secure import check_secure
-from fedlora.tracking import check_tracking
+from fedlora.record.tracking import check_tracking
+from fedlora.tasks.runtime import get_bundle
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
 
 

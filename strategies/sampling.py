@@ -14,7 +14,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 
-from fedlora.client_state import HISTORY_KEY
+from fedlora.client.state import HISTORY_KEY
 
 
 class Excluding(Criterion):

@@ -17,29 +17,33 @@ from typing import Any
 from flwr.app import Context
 from flwr.common import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.server.workflow import DefaultWorkflow
 from omegaconf import OmegaConf
 
-from fedlora.audit import AuditTrail
-from fedlora.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
-from fedlora.checkpoint import run_config as load_run_config
-from fedlora.config import OVERRIDES_FILE, compose_overrides, plain_config
-from fedlora.errors import ConfigError
-from fedlora.lora import get_arrays, set_arrays
-from fedlora.model_card import write_model_card
+from fedlora.core.config import OVERRIDES_FILE, compose_overrides, plain_config
+from fedlora.core.errors import ConfigError
+from fedlora.core.units import NONE, SAMPLE
+from fedlora.models.lora import get_arrays, set_arrays
 from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params
-from fedlora.plots import RunPlots
 from fedlora.privacy.ledger import PrivacyLedger
-from fedlora.privacy.units import NONE, SAMPLE
-from fedlora.release import hide_participation_in_logs
-from fedlora.results import RunRecorder
-from fedlora.runtime import get_bundle
-from fedlora.secure import SecAggSettings
-from fedlora.tracking import attach_tracking
+from fedlora.privacy.release import hide_participation_in_logs
+from fedlora.record.audit import AuditTrail
+from fedlora.record.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedlora.record.checkpoint import run_config as load_run_config
+from fedlora.record.model_card import write_model_card
+from fedlora.record.plots import RunPlots
+from fedlora.record.results import RunRecorder
+from fedlora.record.tracking import attach_tracking
+from fedlora.tasks.runtime import get_bundle
 from strategies.client_dp import ClientLevelDP
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.preflight import preflight
+from strategies.secagg import secagg_workflow
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -48,43 +52,6 @@ def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, serve
     ckpt = strategy.checkpoint(server_round)
     ckpt.state["privacy_ledger"] = recorder.ledger.to_dict()
     save_checkpoint(Path(run_dir) / CHECKPOINT, ckpt)
-
-
-class ClientDPSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """SecAgg+ under client-level DP: every round releases the mechanism.
-
-    Flower's SecAgg+ halts a round it cannot finish (fewer than two clients drawn, or
-    too few left to unmask) without calling ``aggregate_fit``. Under client-level DP the
-    round's Poisson draw must still be released as the subsampled Gaussian the ledger
-    composes. Releasing noise alone would not be that mechanism: whether the clients'
-    sum is included would then depend on how many clients were drawn, and adding one
-    client could move the release by the whole sum. So the same drawn clients are asked
-    again without masking (the server, which adds the noise, is trusted with single
-    updates under client-level DP) and the round is released as usual; the log says so.
-    """
-
-    def __call__(self, grid: Grid, context: Context) -> None:
-        super().__call__(grid, context)
-        strategy: ClientLevelDP = context.strategy
-        if strategy.completed_round < strategy.started_round:
-            # Not logged: that it halted says the draw was small (the server-internal record has it).
-            strategy.secagg_halted(strategy.started_round)
-            with strategy.replaying():
-                default_fit_workflow(grid, context)
-
-
-def secagg_workflow(settings: SecAggSettings, client_dp: bool = False) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ fit workflow: the strategy then sees only the unmasked sum."""
-    workflow = ClientDPSecAggPlusWorkflow if client_dp else SecAggPlusWorkflow
-    return workflow(
-        num_shares=settings.num_shares,
-        reconstruction_threshold=settings.reconstruction_threshold,
-        max_weight=settings.max_weight,
-        clipping_range=settings.clipping_range,
-        quantization_range=settings.quantization_range,
-        modulus_range=settings.modulus_range,
-        timeout=settings.timeout,
-    )
 
 
 def _recorder(plan: ExperimentPlan, run_dir: Path, echo, ckpt: Checkpoint | None) -> tuple[RunRecorder, AuditTrail]:

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.common import FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from fedlora.arrays import flatten
+from fedlora.core.arrays import flatten
 from fedlora.reply import FitReply
 from strategies.validation import validate_update
 

@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 
-from fedlora.config import compose  # noqa: E402
+from fedlora.core.config import compose  # noqa: E402
 
 TINY = [
     "model=tiny_bert",

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 # (flat honest delta, attack config, generator, colluders' honest deltas (m, d) or None)
 PoisonDelta = Callable[[np.ndarray, Any, np.random.Generator, "np.ndarray | None"], np.ndarray]

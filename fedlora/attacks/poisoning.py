@@ -23,7 +23,7 @@ Data poisoning: ``label_flip`` maps label ``y`` to ``num_labels - 1 - y`` on the
 malicious clients' own data (Fang et al. 2020; Tolpegin et al. 2020).
 
 Pure numpy; each is registered in :mod:`fedlora.attacks`, and the client applies them
-(see :mod:`fedlora.client`).
+(see :mod:`fedlora.client.numpy_client`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 _INDEX = "_row"
 

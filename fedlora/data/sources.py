@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Dataset
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 
 @dataclass

@@ -23,8 +23,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from fedlora.config import OVERRIDES_FILE
-from fedlora.client_state import STATE_DIR_KEY
+from fedlora.client.state import STATE_DIR_KEY
+from fedlora.core.config import OVERRIDES_FILE
 from fedlora.deploy import credentials as credentials_cli
 from fedlora.deploy.launch import (
     DEFAULT_PORT,

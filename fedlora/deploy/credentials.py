@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedlora.atomic import write_atomic
+from fedlora.core.files import write_atomic
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.atomic import write_atomic
+from fedlora.core.files import write_atomic
 from fedlora.deploy.credentials import check_tls
 
 DEFAULT_PORT = 9093
@@ -293,8 +293,8 @@ def run_config_text(overrides: str, run_dir: Path | str | None = None, resume: b
 def check_overrides(overrides: str):
     """Compose the experiment here first: Hydra's error for a bad override is shown at
     once, not from inside the ServerApp on the SuperLink."""
-    from fedlora.config import compose_overrides
-    from fedlora.errors import ConfigError
+    from fedlora.core.config import compose_overrides
+    from fedlora.core.errors import ConfigError
 
     try:
         return compose_overrides(overrides)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 
 
 def _budgets_cfg(privacy_cfg: Any) -> Any:

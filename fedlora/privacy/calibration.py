@@ -14,7 +14,7 @@ from typing import Any
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.privacy.accounting import epsilon_from_history
 
 

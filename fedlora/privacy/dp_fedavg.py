@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlora.arrays import clip_rows
+from fedlora.core.arrays import clip_rows
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fedlora.errors import ConfigError
+from fedlora.core.errors import ConfigError
 from fedlora.tasks.base import Task
 from fedlora.tasks.classification import SequenceClassification
 

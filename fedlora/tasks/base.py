@@ -54,7 +54,7 @@ class Task(ABC):
                      precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
         """(features, targets, trainable linear head) for linear probing under the current
         adapter. Tasks without a separable head refuse it (``train.probe_steps``)."""
-        from fedlora.errors import ConfigError
+        from fedlora.core.errors import ConfigError
 
         raise ConfigError("train.probe_steps", f"the {self.name} task has no separable head to probe; "
                           "set train.probe_steps=0")

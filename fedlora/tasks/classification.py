@@ -20,10 +20,15 @@ import torch
 from datasets import Dataset
 from peft import PeftModel, TaskType
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerBase,
+)
 
-from fedlora.errors import ConfigError
-from fedlora.models import load_tokenizer, resolve_model_path
+from fedlora.core.errors import ConfigError
+from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.tasks.base import Task, autocast, trim
 from fedlora.tasks.heads import MeanPoolingClassifier
 

@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 
-from fedlora.arrays import column_blocks as _column_blocks
+from fedlora.core.arrays import column_blocks as _column_blocks
 
 # Column blocks of the Gram product: large enough for BLAS to run near peak, small
 # enough that the centred copy of a block stays a fraction of the (n, d) matrix.

@@ -8,10 +8,15 @@ import operator
 
 import numpy as np
 
-from fedlora.arrays import clip_rows, row_sq_norms
-
+from fedlora.core.arrays import clip_rows, row_sq_norms
 from strategies.aggregators._numerics import _GRAM_BLOCK_BYTES, _check, _column_blocks
-from strategies.aggregators.registry import Aggregator, check_num_malicious, check_params, register, register_requirements
+from strategies.aggregators.registry import (
+    Aggregator,
+    check_num_malicious,
+    check_params,
+    register,
+    register_requirements,
+)
 
 
 @register_requirements("centered_clipping")

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.aggregators._numerics import _SORT_BLOCK_BYTES, _check, _column_blocks, _sorted_columns
-from strategies.aggregators.registry import check_num_malicious, check_params, register, register_requirements
+from strategies.aggregators._numerics import (
+    _SORT_BLOCK_BYTES,
+    _check,
+    _column_blocks,
+    _sorted_columns,
+)
+from strategies.aggregators.registry import (
+    check_num_malicious,
+    check_params,
+    register,
+    register_requirements,
+)
 
 
 def _honest_majority(num_malicious: int | None) -> list[tuple[int, str]]:

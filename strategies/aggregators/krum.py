@@ -7,10 +7,21 @@ import operator
 import numpy as np
 
 from strategies.aggregators._numerics import (
-    _SORT_BLOCK_BYTES, _check, _column_blocks, _krum_scores, _lowest, _pairwise_sq_dists, _sorted_columns,
+    _SORT_BLOCK_BYTES,
+    _check,
+    _column_blocks,
+    _krum_scores,
+    _lowest,
+    _pairwise_sq_dists,
+    _sorted_columns,
 )
 from strategies.aggregators.mean import fedavg
-from strategies.aggregators.registry import check_num_malicious, check_params, register, register_requirements
+from strategies.aggregators.registry import (
+    check_num_malicious,
+    check_params,
+    register,
+    register_requirements,
+)
 
 
 @register_requirements("krum")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from strategies.aggregators._numerics import _check
-from strategies.aggregators.registry import check_num_malicious, register, register_requirements
+from strategies.aggregators.registry import (
+    check_num_malicious,
+    register,
+    register_requirements,
+)
 
 
 @register("fedavg")

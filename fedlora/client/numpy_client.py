@@ -1,0 +1,281 @@
+"""The Flower NumPyClient: local (DP-)training of the shared LoRA adapter.
+
+Per round: load the global adapter into the process's cached model, run the local
+steps (Opacus DP-SGD under sample-level DP), and return only the adapter delta
+``local - global`` with the client's privacy state in the metrics. The accountant
+history is the client's own spend record on its own disk (:mod:`fedlora.client.state`),
+written before the update leaves, so epsilon composes over every round the client
+took part in, across restarts of the server or of the node.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.client import NumPyClient
+
+from fedlora.attacks import alie_z, get_attack
+from fedlora.client.state import EXPERIMENT_KEY, HISTORY_KEY, SpendLog, state_dir
+from fedlora.client.training import (
+    DPGenerators,
+    TrainStats,
+    train_dp,
+    train_plain,
+    train_probe,
+)
+from fedlora.core.arrays import flatten, subtract, unflatten
+from fedlora.core.config import seed_for
+from fedlora.core.errors import ConfigError
+from fedlora.core.secure import prepare_update
+from fedlora.data import TaskData, client_split
+from fedlora.data.sources import load_node_data
+from fedlora.models.lora import get_arrays, set_arrays
+from fedlora.plan import ExperimentPlan, config_key, weight_examples
+from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
+from fedlora.privacy.randomness import NOISE, SAMPLING
+from fedlora.reply import FitReply
+from fedlora.tasks.runtime import ModelBundle, cached_shard, get_bundle
+
+ATTACK_SALT = 0xA77AC
+
+
+class LoRAClient(NumPyClient):
+    """One data holder. Holds only its own shard; the model is per-process."""
+
+    def __init__(
+        self, plan: ExperimentPlan, partition_id: int, state_dir: Path | str, data_path: str | None = None
+    ) -> None:
+        self.plan = plan
+        self.cfg = cfg = plan.cfg
+        self.partition_id = partition_id
+        self.state_dir = Path(state_dir)
+        self.task = plan.task_data()
+        mine = plan.client(partition_id)
+        # What the rows come from: the model bundle (and its shard cache) outlives one
+        # experiment's data settings within a process.
+        self.data_key = (config_key(cfg.data), config_key(cfg.partition), plan.num_clients, data_path, int(cfg.seed))
+        if data_path:
+            # The node's own file replaces its shard of the configured dataset.
+            rows = load_node_data(data_path, cfg.data, self.task.label_names)
+            self.task = TaskData(train=rows, test=self.task.test, label_names=self.task.label_names)
+            self.train_idx, self.val_idx = client_split(
+                np.arange(len(rows)), float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
+            )
+            # Its weight: the declared size under DP (the plan's), its real size without.
+            self.num_examples = weight_examples(cfg, plan.federation_train_size, len(self.train_idx))
+        else:
+            self.train_idx, self.val_idx = mine.train_indices, mine.val_indices
+            self.num_examples = mine.num_examples
+        self.dp = mine.dp
+        self.attack = get_attack(str(cfg.attack.name))
+        self.colluders = plan.malicious
+        self.malicious = mine.malicious
+
+    # -- helpers ---------------------------------------------------------------
+    def _bundle(self) -> ModelBundle:
+        return get_bundle(self.cfg, self.task.num_labels)
+
+    def _data(self, bundle: ModelBundle, split: str, partition_id: int | None = None):
+        pid = self.partition_id if partition_id is None else partition_id
+        if pid == self.partition_id:
+            idx = self.train_idx if split == "train" else self.val_idx
+        else:
+            other = self.plan.client(pid)
+            idx = other.train_indices if split == "train" else other.val_indices
+        flip = split == "train" and self.attack.poisons_data and pid in self.colluders
+        key = (self.data_key, split, pid, flip)
+        return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
+
+    def _tokenize(self, bundle: ModelBundle, idx, flip: bool):
+        rows = self.task.train.select(idx)
+        if flip:  # data poisoning: the malicious client trains on flipped labels
+            flipped = self.attack.poison_labels(np.asarray(rows["label"]), self.task.num_labels)
+            rows = rows.remove_columns("label").add_column("label", flipped.tolist())
+        return self.plan.task.encode(rows, bundle.tokenizer, self.cfg.model)
+
+    def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, pid: int, server_round: int):
+        """One round of local training from the loaded global adapter: optional linear
+        probe, then the fine-tuning steps (DP-SGD when ``plan`` is set).
+
+        The experiment seed drives what must be reproducible (batch order without DP,
+        dropout); under DP the noise and the Poisson masks come from secret generators
+        (:mod:`fedlora.privacy.randomness`), never from the seed.
+        """
+        cfg = self.cfg
+        seed = seed_for(cfg.seed, pid, server_round)
+        torch.manual_seed(seed)  # dropout; DP noise never comes from this generator
+        shuffle = torch.Generator().manual_seed(seed)
+        secret = None
+        if plan is not None:
+            noise = self.plan.noise
+            secret = DPGenerators(noise=noise.torch_generator(pid, server_round, NOISE),
+                                  sampling=noise.torch_generator(pid, server_round, SAMPLING))
+        n_probe = probe_steps(cfg.train)
+        probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)
+        if n_probe:
+            # Linear probing on the current adapter's features, then fine-tuning.
+            features, targets, head = self.plan.task.probe_inputs(
+                bundle.model, data, int(cfg.train.eval_batch_size), str(cfg.train.precision))
+            probe = train_probe(head, features, targets, cfg.train, plan, n_probe, shuffle, secret)
+        # Under DP the plan fixes the steps (from the declared size, not the real one).
+        n_tune = local_steps(len(data), cfg.train) if plan is None else plan.steps_per_round - plan.probe_steps
+        if plan is None:
+            stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle, self.plan.task.loss)
+        else:
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, secret, self.plan.task.loss)
+        return probe, stats
+
+    def _colluders_honest_deltas(self, bundle: ModelBundle, parameters, own: np.ndarray, server_round: int):
+        """ALIE / IPM: the colluders' honest deltas, trained on each colluder's shard from
+        the same global adapter (the attackers pool their own data, nobody else's)."""
+        rows = []
+        for pid in self.colluders:
+            if pid == self.partition_id:
+                rows.append(own)
+                continue
+            set_arrays(bundle.model, bundle.names, parameters)
+            data = self._data(bundle, "train", pid)
+            self._train(bundle, data, self.plan.client(pid).dp, pid, server_round)
+            rows.append(flatten(subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])))
+        return np.stack(rows)
+
+    def _poison(self, bundle: ModelBundle, parameters, delta: list[np.ndarray], server_round: int):
+        cfg = self.cfg
+        flat = flatten(delta)
+        honest = None
+        params = dict(cfg.attack)
+        if self.attack.colluding:
+            honest = self._colluders_honest_deltas(bundle, parameters, flat, server_round)
+            if self.attack.name == "alie" and params.get("z") is None:
+                params["z"] = alie_z(self.plan.clients_per_round, len(self.colluders))
+        rng = np.random.default_rng(seed_for(cfg.seed, self.partition_id, server_round, ATTACK_SALT))
+        return unflatten(self.attack.poison_delta(flat, params, rng, honest), delta)
+
+    def spend_log(self, config: dict[str, Any]) -> SpendLog:
+        """This client's own spend record for the experiment the server names."""
+        return SpendLog(self.state_dir, str(config.get(EXPERIMENT_KEY) or "experiment"), self.partition_id)
+
+    # -- NumPyClient -------------------------------------------------------------
+    def get_properties(self, config):
+        # The server asks a node's client id once after a resume, to send it its own history.
+        return {"partition_id": self.partition_id}
+
+    def get_parameters(self, config):
+        bundle = self._bundle()
+        return get_arrays(bundle.model, bundle.names)
+
+    def fit(self, parameters, config):
+        server_round = int(config.get("server_round", 0))
+        bundle = self._bundle()
+        set_arrays(bundle.model, bundle.names, parameters)
+        data = self._data(bundle, "train")
+        plan = self.dp
+        reply = FitReply(partition_id=self.partition_id, privacy_unit=self.plan.unit, num_examples=self.num_examples)
+        if plan is not None:
+            log = self.spend_log(config)
+            server_history = json.loads(str(config[HISTORY_KEY])) if config.get(HISTORY_KEY) else None
+            history, reply.history_refused = log.adopt(server_history)
+            # This round's spend: the plan fixes its steps (probe + fine-tuning).
+            entry = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round, server_round)
+            after = epsilon_from_history([h[:3] for h in history + [entry]], plan.delta, plan.accountant)
+            if after > plan.target_epsilon:
+                # Never spend past the budget: decline with a reply, train nothing.
+                spent = epsilon_from_history([h[:3] for h in history], plan.delta, plan.accountant)
+                reply.declined = True
+                reply.reason = (f"privacy budget: eps {spent:.4f} spent of {plan.target_epsilon:g}; "
+                                "another round would exceed it")
+                self._privacy(reply, plan, history, spent)
+                return [np.zeros_like(np.asarray(p)) for p in parameters], 0, reply.to_metrics(self.plan.release)
+        probe, stats = self._train(bundle, data, plan, self.partition_id, server_round)
+        reply.steps, reply.probe_steps = probe.steps + stats.steps, probe.steps
+        reply.train_loss = stats.loss if stats.steps else probe.loss
+        delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
+        if self.malicious:
+            reply.attack = self.attack.name
+            if self.attack.poisons_model:
+                delta = self._poison(bundle, parameters, delta, server_round)
+        # Sent only where the policy allows it (without DP, or the norm of a noised update).
+        reply.update_norm = float(np.linalg.norm(flatten(delta)))
+        if self.plan.secagg is not None:
+            delta = self._prepare_secure(delta)
+        if plan is not None:
+            # Recorded (fsync'd) before the update leaves: a server that dies before it
+            # aggregates cannot make this client forget the spend.
+            log.append([entry])
+            self._privacy(reply, plan, history + [entry], after)
+        return delta, self.num_examples, reply.to_metrics(self.plan.release)
+
+    @staticmethod
+    def _privacy(reply: FitReply, plan: DPPlan, history: list, spent: float) -> None:
+        """The client's privacy facts: its public plan, its epsilon and its whole own
+        history (the server's ledger is the union of these and its checkpoint)."""
+        reply.epsilon, reply.delta, reply.accountant = spent, plan.delta, plan.accountant
+        reply.sample_rate, reply.noise_multiplier, reply.max_grad_norm = (
+            plan.sample_rate, plan.noise_multiplier, plan.max_grad_norm)
+        reply.budget_epsilon = plan.target_epsilon
+        reply.total_steps = int(sum(h[2] for h in history))
+        reply.dp_history = list(history)
+
+    def _prepare_secure(self, delta):
+        """Before SecAgg+ masks it: clip the delta to the quantizer's range (fixed clipping,
+        as Flower's clipping mods do). Nothing about the single update is reported: SecAgg+
+        exists to hide it."""
+        return prepare_update(delta, self.plan.secagg)
+
+    def evaluate(self, parameters, config):
+        if not self.plan.release.client_evaluation:
+            # Loss and accuracy on this client's validation data are statistics of private
+            # data that no mechanism noises: not released under DP (the server does not ask).
+            return 0.0, 0, {"partition_id": self.partition_id}
+        bundle = self._bundle()
+        set_arrays(bundle.model, bundle.names, parameters)
+        data = self._data(bundle, "val")
+        if len(data) == 0:
+            return 0.0, 0, {"partition_id": self.partition_id}
+        metrics = self.plan.task.evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size),
+                                          str(self.cfg.train.precision))
+        return metrics.pop("loss"), len(data), {**metrics, "partition_id": self.partition_id}
+
+
+def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:
+    """(client id, own data file) from a SuperNode's ``--node-config``: ``partition-id``
+    (the client id in budgets, seeds and reports) with either ``num-partitions`` (a shard
+    of the configured dataset, which must be the federation's ``num_clients`` shards) or
+    ``data-path`` (its own file)."""
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node-config", "partition-id is missing; start the SuperNode with --node-config "
+            "'partition-id=<i> num-partitions=<n>' (or 'partition-id=<i> data-path=\"<file>\"')"
+        )
+    pid = int(node_config["partition-id"])
+    data_path = str(node_config["data-path"]) if node_config.get("data-path") else None
+    if "num-partitions" not in node_config and data_path is None:
+        raise ConfigError("node-config", "give num-partitions=<n> (a shard of the configured dataset) or data-path=<file>")
+    num = int(node_config.get("num-partitions", num_clients))
+    if num != num_clients:
+        raise ConfigError(
+            "node-config", f"num-partitions={num} but the experiment has federation.num_clients={num_clients}: "
+            "every node must hold one of the same num_clients shards the server planned for"
+        )
+    if not 0 <= pid < num:
+        raise ConfigError("node-config", f"partition-id={pid} must lie in [0, num-partitions={num})")
+    return pid, data_path
+
+
+def make_client_fn(plan: ExperimentPlan, default_state_dir: Path | str | None = None):
+    """Flower's ``client_fn`` for the clients of ``plan``; the node's spend records go
+    under its ``state-dir`` (node config), else ``default_state_dir`` (a simulation's run
+    dir), else ``$FLWR_HOME/fedlora-client-state``."""
+
+    def client_fn(context: Context):
+        torch.set_num_threads(max(1, int(plan.cfg.federation.client_resources.num_cpus)))
+        pid, data_path = node_identity(context.node_config, plan.num_clients)
+        root = state_dir(context.node_config, default_state_dir)
+        return LoRAClient(plan, pid, root, data_path).to_client()
+
+    return client_fn

