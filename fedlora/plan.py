@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
-from fedlora.core.config import seed_for
+from fedlora.core.config import canonical_json, seed_for
 from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.core.units import CLIENT, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
@@ -40,8 +40,7 @@ from fedlora.tasks import Task, get_task
 
 def config_key(cfg: Any) -> str:
     """A config (or config group) as canonical JSON: a cache key identical in every process."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    return json.dumps(plain, sort_keys=True)
+    return canonical_json(cfg)
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,13 @@ from typing import Any
 
 import yaml
 
+from fedlora.core.units import CLIENT, LABEL, NONE, SAMPLE, SCOPE
+from fedlora.record.checkpoint import resume_commands
+
 RESULTS = "results.json"
 REPORT = "report.md"
 PLOT = "accuracy_vs_epsilon.png"
-UNIT_TEXT = {"sample": "sample-level (max over clients)", "client": "client-level (every client)", "none": "no DP"}
+UNIT_TEXT = {unit: f"{LABEL[unit]} ({SCOPE[unit]})" for unit in (SAMPLE, CLIENT)} | {NONE: LABEL[NONE]}
 # How a run was launched, not what it computed.
 _IGNORED_KEYS = ("resume",)
 
@@ -67,7 +70,7 @@ class Run:
 
     @property
     def epsilon(self) -> float | None:
-        if self.unit == "none":
+        if self.unit == NONE:
             return None
         if self.final:
             return self.final.get("epsilon")
@@ -76,7 +79,7 @@ class Run:
 
     @property
     def delta(self) -> float | None:
-        if self.unit == "none":
+        if self.unit == NONE:
             return None
         return self.final.get("delta", (self.config.get("privacy") or {}).get("delta"))
 
@@ -110,7 +113,7 @@ def load_run(results: Path, root: Path) -> Run:
             raise ValueError("not a JSON object")
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ReportError(
-            f"{results} is unreadable or torn ({err}); rerun that run (resume=<its run dir>) or move its "
+            f"{results} is unreadable or torn ({err}); continue that run ({resume_commands(results.parent)}) or move its "
             "directory out of the sweep"
         ) from None
     run_dir = results.parent
@@ -189,7 +192,7 @@ def pivot_table(values: dict[tuple[str, str], float | None], rows: list[str], co
 
 
 def epsilon_text(run: Run) -> str:
-    if run.unit == "none":
+    if run.unit == NONE:
         return "– (no DP)"
     eps = run.epsilon
     if eps is None:
@@ -215,9 +218,9 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def runs_table(runs: list[Run]) -> str:
-    baseline = [r for r in runs if r.unit == "none" and r.accuracy is not None]
+    baseline = [r for r in runs if r.unit == NONE and r.accuracy is not None]
     # A gap to "no DP" is only meaningful against one baseline.
-    gap = len(baseline) == 1 and any(r.unit != "none" for r in runs)
+    gap = len(baseline) == 1 and any(r.unit != NONE for r in runs)
     header = ["run", "overrides", "test accuracy"] + (["gap to no DP (points)"] if gap else []) + [
         "epsilon", "delta", "privacy unit", "rounds", "wall time (s)"]
     rows = []
@@ -276,7 +279,7 @@ def plot_accuracy_vs_epsilon(runs: list[Run], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     dp = [r for r in runs if r.epsilon is not None and r.accuracy is not None]
-    no_dp = [r for r in runs if r.unit == "none" and r.accuracy is not None]
+    no_dp = [r for r in runs if r.unit == NONE and r.accuracy is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if dp:
         ax.plot([r.epsilon for r in dp], [r.accuracy for r in dp], "o", color="tab:blue", label="with DP")

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+from fedlora.core.env import set_defaults
+
+set_defaults()  # before Flower, Ray and Hugging Face read them
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -32,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from fedlora.client.state import CLIENT_STATE_DIR  # noqa: E402
 from fedlora.core.config import plain_config  # noqa: E402
 from fedlora.core.errors import ConfigError  # noqa: E402
-from fedlora.record.checkpoint import run_config  # noqa: E402
+from fedlora.record.checkpoint import resume_commands, run_config  # noqa: E402
 from fedlora.record.results import epsilon_text  # noqa: E402
 from strategies.preflight import backend_cpus, preflight  # noqa: E402
 
@@ -165,8 +162,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except RoundFailed as err:
         stopped_in = Path(cfg.resume) if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "false") else run_dir
-        print(f"error: {err}. The run stopped after checkpointing; continue it with "
-              f"`python -m simulations.run resume={stopped_in}`", file=sys.stderr, flush=True)
+        print(f"error: {err}. The run stopped after checkpointing; continue it with {resume_commands(stopped_in)}",
+              file=sys.stderr, flush=True)
         log.error("run stopped: %s", err)
         sys.exit(3)
     _echo(final_line(final))

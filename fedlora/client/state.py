@@ -27,6 +27,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from fedlora.core.files import append_durable
+
 Entry = tuple[float, float, int, int]  # noise_multiplier, sample_rate, steps, round
 
 # Fit-instruction keys: the experiment the server runs (names the client's spend record)
@@ -88,10 +90,7 @@ class SpendLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(list(_entry(e))) + "\n" for e in entries)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_durable(self.path, text.encode("utf-8"))
 
     def adopt(self, server_history: Sequence[Sequence[Any]] | None) -> tuple[list[Entry], str | None]:
         """The client's history after considering the server's: (history, refusal reason).

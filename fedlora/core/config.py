@@ -8,6 +8,8 @@ presets drive both environments.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,28 @@ def compose_overrides(overrides: str) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError("overrides", f"Hydra rejected {overrides!r}: {first}") from None
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: configs resolved, numpy scalars to Python, non-finite floats to
+    null (strict JSON)."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace: the same config gives the same text in every process
+    (cache keys, the audit log's config hash)."""
+    return json.dumps(json_safe(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def seed_for(*parts: int) -> int:

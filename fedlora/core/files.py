@@ -1,4 +1,5 @@
-"""Crash-safe file writes: write a temporary file next to the target, then rename.
+"""Crash-safe file writes: replace a file whole (write a temporary file next to it, then
+rename), or append to a log durably.
 
 A reader (or a run resumed after a crash) sees the old file or the new one, never a
 torn one: ``os.replace`` is atomic on one filesystem.
@@ -23,3 +24,12 @@ def write_atomic(path: Path, data: bytes, private: bool = False) -> Path:
         os.chmod(tmp, 0o600)
     os.replace(tmp, path)
     return path
+
+
+def append_durable(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` and fsync before returning: an append-only log whose
+    lines survive a crash of the process right after (spend records, the audit log)."""
+    with open(path, "ab") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -22,6 +22,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedlora.core.arrays import clip_l2
 from fedlora.core.errors import ConfigError
+from fedlora.core.units import CLIENT, unit_of
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def secure_clipping_norm(cfg: Any) -> float:
     the sum, where a single client's contribution can no longer be clipped (a larger
     ``secure.clipping_norm`` is refused by :func:`check_secure`)."""
     s = cfg.secure
-    if cfg.privacy.unit == "client":
+    if unit_of(cfg) == CLIENT:
         privacy_norm = float(cfg.privacy.clipping_norm)
         return privacy_norm if s.get("clipping_norm") is None else min(float(s.clipping_norm), privacy_norm)
     if s.get("clipping_norm") is not None:
@@ -112,7 +113,7 @@ def check_secure(cfg: Any, clients_per_round: int, robust: bool) -> None:
             f"{shares} shares need at least {shares} clients per round, but {clients_per_round} are "
             "sampled; sample more clients or lower secure.num_shares",
         )
-    if cfg.privacy.unit == "client" and s.get("clipping_norm") is not None and (
+    if unit_of(cfg) == CLIENT and s.get("clipping_norm") is not None and (
         float(s.clipping_norm) > float(cfg.privacy.clipping_norm)
     ):
         raise ConfigError(

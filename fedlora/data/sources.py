@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Dataset
 
+from fedlora.core.config import canonical_json
 from fedlora.core.errors import ConfigError
 
 
@@ -236,7 +237,4 @@ def _cached(data_cfg_json: str, seed: int) -> TaskData:
 
 def load_task_data_cached(data_cfg: Any, seed: int) -> TaskData:
     """One load per process for the same settings (clients of one simulation share it)."""
-    from omegaconf import OmegaConf
-
-    plain = OmegaConf.to_container(data_cfg, resolve=True) if not isinstance(data_cfg, dict) else data_cfg
-    return _cached(json.dumps(plain, sort_keys=True), seed)
+    return _cached(canonical_json(data_cfg), seed)

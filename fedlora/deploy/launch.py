@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlora.core.env import set_defaults
 from fedlora.core.files import write_atomic
 from fedlora.deploy.credentials import check_tls
 
@@ -78,9 +79,7 @@ def flower_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = 
     SuperNodes spawn ``flower-superexec`` by name), no telemetry or update checks."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_defaults(env)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     env.update(extra or {})

@@ -14,6 +14,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedlora.core.errors import ConfigError
+from fedlora.core.units import SAMPLE
 
 
 def _budgets_cfg(privacy_cfg: Any) -> Any:
@@ -68,7 +69,7 @@ def client_budgets(privacy_cfg: Any, num_clients: int) -> dict[str, float]:
     Empty without sample-level DP: client-level DP has one guarantee for every client
     (``privacy.target_epsilon``), and no DP has no budget.
     """
-    if not privacy_cfg or privacy_cfg.get("unit") != "sample" or privacy_cfg.get("target_epsilon") is None:
+    if not privacy_cfg or privacy_cfg.get("unit") != SAMPLE or privacy_cfg.get("target_epsilon") is None:
         return {}
     if isinstance(privacy_cfg, dict):
         privacy_cfg = OmegaConf.create(privacy_cfg)

@@ -15,6 +15,7 @@ from typing import Any
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedlora.core.errors import ConfigError
+from fedlora.core.units import CLIENT, unit_of
 from fedlora.privacy.accounting import epsilon_from_history
 
 
@@ -259,7 +260,7 @@ def plan_client_dp(privacy_cfg: Any, num_clients: int, sample_rate: float, round
 def client_level_plan(cfg: Any) -> ClientDPPlan | None:
     """The server's client-level plan of an experiment (None unless ``privacy=client``);
     clients are Poisson-sampled at rate ``federation.fraction_fit``."""
-    if cfg.privacy.unit != "client":
+    if unit_of(cfg) != CLIENT:
         return None
     fed = cfg.federation
     return plan_client_dp(cfg.privacy, int(fed.num_clients), float(fed.fraction_fit), int(fed.rounds))
@@ -269,6 +270,6 @@ def clients_per_round(cfg: Any) -> int:
     """Clients sampled per round (expected count under Poisson client sampling)."""
     fed = cfg.federation
     n = int(fed.num_clients)
-    if cfg.privacy.unit == "client":
+    if unit_of(cfg) == CLIENT:
         return max(1, round(float(fed.fraction_fit) * n))
     return min(n, max(math.ceil(float(fed.fraction_fit) * n), int(fed.min_fit_clients)))

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedlora.core.units import SAMPLE
 from fedlora.privacy.accounting import epsilon_from_history
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -72,7 +73,7 @@ class PrivacyLedger:
             c: {r: self.epsilon(c, accountant, r) for r in sorted(set(rounds[c]))} for c in self.clients()
         }
 
-    def client_histories(self, unit: str = "sample") -> dict[str, list[list[float]]]:
+    def client_histories(self, unit: str = SAMPLE) -> dict[str, list[list[float]]]:
         """Per client ``[noise_multiplier, sample_rate, steps, round]`` rows of one unit."""
         out: dict[str, list[list[float]]] = defaultdict(list)
         for e in self.entries:

@@ -32,6 +32,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from fedlora.core.units import CLIENT, NONE, SAMPLE
+
 # Every reply: who it is, its mode and the planned work (public facts), its training-set
 # size as the FedAvg weight (declared under sample-level DP, 1 under client-level DP),
 # and the labels of a simulated attacker or of a budget decline.
@@ -47,10 +49,10 @@ TRAIN_LOSS, UPDATE_NORM = "train_loss", "update_norm"
 REPLY_KEYS: dict[tuple[str, bool], frozenset[str]] = {
     ("none", False): BASE_REPLY | {TRAIN_LOSS, UPDATE_NORM},
     ("none", True): BASE_REPLY | {TRAIN_LOSS},
-    ("sample", False): BASE_REPLY | SAMPLE_DP_REPLY | {UPDATE_NORM},  # the norm of a noised update
-    ("sample", True): BASE_REPLY | SAMPLE_DP_REPLY,
-    ("client", False): BASE_REPLY,
-    ("client", True): BASE_REPLY,
+    (SAMPLE, False): BASE_REPLY | SAMPLE_DP_REPLY | {UPDATE_NORM},  # the norm of a noised update
+    (SAMPLE, True): BASE_REPLY | SAMPLE_DP_REPLY,
+    (CLIENT, False): BASE_REPLY,
+    (CLIENT, True): BASE_REPLY,
 }
 
 # Round-record keys that name or count the participants, or describe single updates.
@@ -92,11 +94,11 @@ class ReleasePolicy:
     def client_evaluation(self) -> bool:
         """Federated evaluation on clients' validation data: its loss and accuracy are
         statistics of private data that no mechanism noises, so only without DP."""
-        return self.unit == "none"
+        return self.unit == NONE
 
     @property
     def participation_public(self) -> bool:
-        return self.unit != "client"
+        return self.unit != CLIENT
 
     def split_round(self, record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(published, server-internal) parts of one round record (round 0, the initial

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedlora.core.units import CLIENT, SAMPLE
 from fedlora.privacy.accounting import epsilon_from_history
 from fedlora.privacy.ledger import ACCOUNTANTS, PrivacyLedger
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-round", type=int)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--unit", choices=["sample", "client"], default="sample",
+    p.add_argument("--unit", choices=[SAMPLE, CLIENT], default=SAMPLE,
                    help="privacy unit the numbers are in (labels the output)")
     args = p.parse_args(argv)
     if args.run_dir:

@@ -33,13 +33,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedlora.core.config import canonical_json as _canonical
+from fedlora.core.config import json_safe as _plain
+from fedlora.core.files import append_durable
 from fedlora.privacy.budgets import client_budgets
 
 AUDIT_FILE = "audit.jsonl"
@@ -48,23 +49,9 @@ GENESIS = "0" * 64
 _NOT_HASHED = ("resume",)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, non-finite floats to null (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8: the same config always gives the same bytes."""
-    return json.dumps(_plain(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    """The bytes the audit log hashes (:func:`fedlora.core.config.canonical_json`, UTF-8)."""
+    return _canonical(value).encode("utf-8")
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -114,10 +101,7 @@ class AuditLog:
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "time": _now(), **_plain(fields), "prev_sha256": self._prev}
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-        with open(self.path, "ab") as fh:
-            fh.write((b"\n" if self._torn else b"") + line + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_durable(self.path, (b"\n" if self._torn else b"") + line + b"\n")
         self._torn = False
         self._prev = hashlib.sha256(line).hexdigest()
         return record

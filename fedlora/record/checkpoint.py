@@ -9,13 +9,15 @@ inside it, so one ``os.replace`` switches from one complete round to the next.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedlora.core.files import write_atomic
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -30,17 +32,13 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically (write a temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     meta = json.dumps({"round": ckpt.round, "num_global": len(ckpt.global_arrays), "state": ckpt.state})
     payload = {f"global_{i}": a for i, a in enumerate(ckpt.global_arrays)}
     payload.update({f"array_{k}": v for k, v in ckpt.arrays.items()})
     payload["meta"] = np.frombuffer(meta.encode(), dtype=np.uint8)
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)
+    write_atomic(Path(path), buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -49,6 +47,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         arrays = [data[f"global_{i}"] for i in range(meta["num_global"])]
         extra = {k[len("array_"):]: data[k] for k in data.files if k.startswith("array_")}
     return Checkpoint(round=int(meta["round"]), global_arrays=arrays, state=meta["state"], arrays=extra)
+
+
+def resume_commands(run_dir: Path | str) -> str:
+    """How a user continues the run in ``run_dir``, in either environment."""
+    return (f"`python -m simulations.run resume={run_dir}` (simulation) or "
+            f"`python -m fedlora.deploy run --resume --run-dir {run_dir} ...` (deployment)")
 
 
 def run_config(run_dir: Path):
@@ -61,8 +65,8 @@ def run_config(run_dir: Path):
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "config.yaml").is_file():
         raise ConfigError(
-            "resume", f"no {CHECKPOINT} and config.yaml in {run_dir}; point resume (simulation: "
-            "resume=<run dir> or hydra.run.dir=; deployment: run-dir=) at the run dir of the run to continue"
+            "resume", f"no {CHECKPOINT} and config.yaml in {run_dir}; point resume at the run dir of the run "
+            f"to continue: {resume_commands('<run dir>')}"
         )
     saved = OmegaConf.load(run_dir / "config.yaml")
     saved.resume = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedlora.core.units import NONE
 from fedlora.models.hub import resolve_model_path
 from fedlora.plan import aggregator_name
 
@@ -21,7 +22,7 @@ SECTION = "## Differential privacy"
 def privacy_section(statement: dict[str, Any]) -> str:
     """Markdown for ``statement`` (see RunRecorder.privacy_statement)."""
     lines = [SECTION, ""]
-    if statement["unit"] == "none":
+    if statement["unit"] == NONE:
         lines.append("Trained **without differential privacy**: no epsilon holds for this adapter.")
     else:
         eps = statement.get("epsilon")

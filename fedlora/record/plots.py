@@ -14,8 +14,8 @@ written to a temporary name and renamed, so a reader never sees a half-written P
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedlora.core.files import write_atomic  # noqa: E402
+from fedlora.core.units import SAMPLE  # noqa: E402
 from fedlora.privacy.budgets import client_budgets  # noqa: E402
 from fedlora.privacy.ledger import EVERY_CLIENT, PrivacyLedger  # noqa: E402
 
@@ -41,12 +43,10 @@ _MAX_LEGEND = 12
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(path), buffer.getvalue())
 
 
 def plot_metrics(rounds: list[dict[str, Any]], path: Path) -> Path:
@@ -80,7 +80,7 @@ def plot_epsilon(
     path: Path,
     accountant: str,
     target: float | None = None,
-    unit: str = "sample",
+    unit: str = SAMPLE,
     budgets: dict[str, float] | None = None,
     delta: float | None = None,
 ) -> Path:

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from fedlora.core.errors import ConfigError
-from fedlora.core.units import LABEL
+from fedlora.core.units import LABEL, NONE
 
 PROGRESS_MODES = ("auto", "bar", "plain")
 
@@ -47,7 +47,7 @@ def postfix_text(record: dict[str, Any], privacy_unit: str, delta: float | None)
     """What the bar shows after itself: accuracy, and epsilon with its unit and delta."""
     acc = record.get("accuracy")
     parts = [f"acc {'n/a' if acc is None else f'{acc:.4f}'}"]
-    if privacy_unit == "none":
+    if privacy_unit == NONE:
         parts.append("no DP")
     else:
         eps = record.get("epsilon")

@@ -17,6 +17,7 @@ from fedlora.core.files import write_atomic
 from fedlora.core.units import CLIENT, LABEL, NONE, SCOPE
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 from fedlora.privacy.release import INTERNAL_DIR, INTERNAL_NOTE, ReleasePolicy
+from fedlora.record.checkpoint import resume_commands
 
 # Sample-level: each client holds its own guarantee and the federation reports the
 # worst; client-level: one guarantee covers every client.
@@ -288,8 +289,7 @@ class RunRecorder:
             "run_dir": str(self.run_dir),
         }
         self.echo(f"run stopped: {reason}; its checkpoint and privacy ledger are in {self.run_dir}; "
-                  f"continue with `python -m simulations.run resume={self.run_dir}` (simulation) or "
-                  f"`python -m fedlora.deploy run --resume --run-dir {self.run_dir} ...` (deployment)")
+                  f"continue with {resume_commands(self.run_dir)}")
         self.write()
         self._notify("on_stop", self.stopped)
 

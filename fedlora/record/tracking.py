@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fedlora.core.errors import ConfigError
-from fedlora.core.units import LABEL
+from fedlora.core.units import CLIENT, LABEL, SAMPLE
 from fedlora.privacy.ledger import EVERY_CLIENT
 from fedlora.record.progress import PROGRESS_MODES, make_progress
 
@@ -36,7 +36,7 @@ MODES = ("online", "offline", "disabled")
 # The federation's epsilon under a key that says whose privacy it bounds: sample-level
 # is the largest over clients (each client holds its own guarantee), client-level
 # covers every client at once.
-EPSILON_KEY = {"sample": "privacy/epsilon_sample_level", "client": "privacy/epsilon_client_level"}
+EPSILON_KEY = {SAMPLE: "privacy/epsilon_sample_level", CLIENT: "privacy/epsilon_client_level"}
 
 CLIENT_EPSILON_COLUMNS = [
     "client", "round", "epsilon", "unit", "delta", "noise_multiplier", "sample_rate", "steps", "accepted",
@@ -115,7 +115,7 @@ def client_epsilon_rows(recorder: Any) -> list[list[Any]]:
         dp = record.get("client_dp")
         if dp is not None and record.get("epsilon") is not None:
             rows.append([
-                EVERY_CLIENT, int(rnd), float(record["epsilon"]), LABEL["client"], recorder.delta,
+                EVERY_CLIENT, int(rnd), float(record["epsilon"]), LABEL[CLIENT], recorder.delta,
                 dp.get("noise_multiplier"), dp.get("sample_rate"), 1, True,
             ])
     return rows

@@ -8,7 +8,6 @@ share a model.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from peft import PeftModel
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
+from fedlora.core.config import canonical_json
 from fedlora.models.lora import build_lora_model, trainable_names
 from fedlora.tasks import get_task
 
@@ -48,10 +48,7 @@ def _plain(cfg: Any) -> Any:
 
 
 def model_key(cfg: Any, num_labels: int) -> str:
-    return json.dumps(
-        {"model": _plain(cfg.model), "lora": _plain(cfg.lora), "labels": num_labels, "seed": cfg.seed},
-        sort_keys=True,
-    )
+    return canonical_json({"model": cfg.model, "lora": cfg.lora, "labels": num_labels, "seed": cfg.seed})
 
 
 def get_bundle(cfg: Any, num_labels: int) -> ModelBundle:
