@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 run: setup
 	$(PY) -m simulations.run $(ARGS)
 
+# Line coverage of fedlora/, strategies/ and simulations/, subprocesses included
+# (pyproject.toml, [tool.coverage.run]).
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --cov --cov-report=term --cov-fail-under=90 $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" $(ARGS)
