@@ -1,7 +1,8 @@
 """Reply triage: the round's results and failures sorted into what may be aggregated.
 
-Each reply becomes a record (its typed :class:`~fedlora.reply.FitReply` fields plus the
-node id and the bytes it moved). Declining clients (budget spent) are set aside, every
+Replies are taken in client order, so the aggregate does not depend on which client
+answered first. Each reply becomes a record (its typed :class:`~fedlora.reply.FitReply`
+fields plus the node id and the bytes it moved). Declining clients (budget spent) are set aside, every
 update is validated (:mod:`strategies.validation`) before it may reach a rule, and
 every failure is reduced to one readable line. Nothing here aggregates or logs: the
 strategy decides what the batch means and what may be said about it.
@@ -73,6 +74,14 @@ def stack(rows: list[np.ndarray], d: int) -> np.ndarray:
     return updates
 
 
+def _client_order(cid: Any) -> tuple[int, int | str]:
+    """Sort key of a client id: integers numerically, anything else after them."""
+    try:
+        return 0, int(cid)
+    except (TypeError, ValueError):
+        return 1, str(cid)
+
+
 def triage(
     results: list[tuple[ClientProxy, FitRes]],
     failures: list[tuple[ClientProxy, FitRes] | BaseException],
@@ -83,8 +92,11 @@ def triage(
     batch = ReplyBatch(num_results=len(results), num_failures=len(failures))
     rows: list[np.ndarray] = []
     weights: list[int] = []
-    for proxy, res in results:
-        reply = FitReply.from_metrics(res.metrics, default_partition=proxy.cid)
+    replies = [(proxy, res, FitReply.from_metrics(res.metrics, default_partition=proxy.cid)) for proxy, res in results]
+    # In client order, not arrival order: the float sum of the rows, and so the aggregate,
+    # must not depend on which client happened to answer first.
+    replies.sort(key=lambda item: _client_order(item[2].partition_id))
+    for proxy, res, reply in replies:
         info = {**reply.as_record(), "node_id": proxy.cid,
                 "bytes_up": payload_bytes(res.parameters), "bytes_down": bytes_down}
         if reply.declined:

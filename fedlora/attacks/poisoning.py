@@ -28,10 +28,10 @@ Pure numpy; each is registered in :mod:`fedlora.attacks`, and the client applies
 
 from __future__ import annotations
 
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
 from fedlora.attacks import ATTACKS, Attack, get_attack, register
 
@@ -40,7 +40,10 @@ def alie_z(num_clients: int, num_malicious: int) -> float:
     """Baruch et al. 2019, Sec. 3: s = floor(n/2 + 1) - m honest clients must be
     "won over"; z = Phi^-1((n - s) / n)."""
     s = num_clients // 2 + 1 - num_malicious
-    return float(norm.ppf((num_clients - s) / num_clients))
+    p = (num_clients - s) / num_clients
+    if not 0 < p < 1:  # a malicious majority (or a lone client): the quantile is infinite
+        return float("inf") if p >= 1 else float("-inf")
+    return NormalDist().inv_cdf(p)
 
 
 def _honest_mean(name: str, honest: np.ndarray | None) -> np.ndarray:

@@ -29,6 +29,9 @@ def run_dir(tmp_path_factory):
         "federation.num_clients=2", "federation.rounds=2",
         "data.max_train_samples=48", "data.max_test_samples=24",
         "model.max_length=48", "train.batch_size=8", "train.local_steps=2",
+        # One backend actor with both cores: on a 2-core machine one process importing
+        # the model stack instead of two.
+        "federation.client_resources.num_cpus=2",
         f"hydra.run.dir={out}",
     ]
     STARTED["time"] = time.time()
@@ -172,7 +175,7 @@ def test_with_the_architectures_own_head_stock_peft_loads_the_adapter(tmp_path):
     cmd = [sys.executable, "-m", "simulations.run", "model.pooling=model", "train.probe_steps=0",
            "federation.num_clients=2", "federation.rounds=1", "data.max_train_samples=48",
            "data.max_test_samples=24", "model.max_length=48", "train.batch_size=8", "train.local_steps=2",
-           "tracking=none", f"hydra.run.dir={tmp_path}"]
+           "federation.client_resources.num_cpus=2", "tracking=none", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())

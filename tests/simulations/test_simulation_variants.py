@@ -22,6 +22,9 @@ TINY = [
     "model=tiny_bert", "data.max_train_samples=160", "data.max_test_samples=40",
     "train.batch_size=16", "train.local_steps=2", "train.probe_steps=0", "federation.fraction_evaluate=0",
     "tracking=none",  # W&B is tested in test_tracking / test_simulation; these test the mechanisms
+    # One backend actor with both cores: on a 2-core machine one process importing the
+    # model stack instead of two; clients train one after another.
+    "federation.client_resources.num_cpus=2",
 ]
 
 
@@ -45,12 +48,21 @@ def _run(tmp_path, *overrides):
     return proc.stdout + proc.stderr, json.loads((tmp_path / "results.json").read_text())
 
 
-def test_client_level_dp_run(tmp_path):
+@pytest.fixture(scope="module")
+def client_dp_run(tmp_path_factory):
+    """One client-level DP run (Poisson sampling, 3 rounds, W&B offline) for the tests
+    of the mechanism and of what it publishes."""
+    run_dir = tmp_path_factory.mktemp("client_dp")
     out, res = _run(
-        tmp_path, "privacy=client", "privacy.noise_seed=0", "federation.num_clients=4",
-        "federation.fraction_fit=0.5", "federation.min_fit_clients=1", "federation.rounds=3",
-        "privacy.target_epsilon=6",
+        run_dir, "privacy=client", "federation.num_clients=6", "federation.fraction_fit=0.5",
+        "federation.min_fit_clients=1", "federation.rounds=3", "privacy.target_epsilon=6", "privacy.delta=1e-3",
+        "tracking=wandb",
     )
+    return run_dir, out, res
+
+
+def test_client_level_dp_run(client_dp_run):
+    tmp_path, out, res = client_dp_run
     assert "client-level" in out and "FINAL" in out
     rounds = [r for r in res["rounds"] if r["round"] > 0]
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -103,16 +115,13 @@ def test_secaggplus_with_client_level_dp(tmp_path):
     assert res["final"]["epsilon"] > 0 and len(res["privacy_ledger"]["entries"]) == 2
 
 
-def test_client_level_dp_publishes_no_participant_anywhere(tmp_path):
+def test_client_level_dp_publishes_no_participant_anywhere(client_dp_run):
     """Under client-level DP the Poisson draw is secret: results.json, the audit log,
     the W&B history and the console hold no per-round participant list or count; the
     server-internal record holds them."""
-    out, res = _run(
-        tmp_path, "privacy=client", "federation.num_clients=6", "federation.fraction_fit=0.5",
-        "federation.min_fit_clients=1", "federation.rounds=2", "privacy.delta=1e-3", "tracking=wandb",
-    )
+    tmp_path, out, res = client_dp_run
     internal = [json.loads(x) for x in (tmp_path / "server_internal" / "rounds.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in internal] == [1, 2]
+    assert [x["round"] for x in internal] == [1, 2, 3]
     drawn = [x["sampled"]["clients"] for x in internal]
     assert all(x["sampled"]["method"] == "poisson" for x in internal)
     assert "SERVER-INTERNAL" in (tmp_path / "server_internal" / "README.txt").read_text()

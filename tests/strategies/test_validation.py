@@ -112,3 +112,24 @@ def test_centered_clipping_reference_carries_across_rounds():
     strategy.aggregate_fit(2, results, [])
     # The second round starts from the first round's aggregate, so it moves further.
     assert np.linalg.norm(strategy.reference) == pytest.approx(2.0, rel=1e-5)
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():
+    """Float sums depend on their order: the rows are taken in client order, so a run
+    with a fixed noise_seed repeats bit for bit however the clients' replies race."""
+    rng = np.random.default_rng(3)
+    updates = {cid: [rng.normal(size=(4, 3)).astype(np.float32) * 10.0 ** rng.integers(-3, 3),
+                     rng.normal(size=5).astype(np.float32)] for cid in range(7)}
+    finals, orders = [], [list(range(7)), [6, 2, 0, 5, 1, 4, 3], [3, 4, 1, 5, 0, 2, 6]]
+    for order in orders:
+        rec = _Recorder()
+        strategy = FedLoRAStrategy(initial_arrays=REF, recorder=rec)
+        results = [(GridClientProxy(100 + cid, None, 0), _res(updates[cid], 10 + cid, cid)) for cid in order]
+        strategy.aggregate_fit(1, results, [])
+        finals.append(flatten(strategy.global_arrays))
+        assert [c["cid"] for c in rec.fits[0][1]] == list(range(7))
+    assert all(np.array_equal(finals[0], f) for f in finals[1:])
+    # The orders do give different float sums when not sorted (the test can fail).
+    unsorted = [sum(np.float32(10 + c) / np.float32(sum(range(10, 17))) * flatten(updates[c]) for c in order)
+                for order in orders]
+    assert not all(np.array_equal(unsorted[0], u) for u in unsorted[1:])
