@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from opacus import GradSampleModule
 from peft import PeftModel
 from torch.utils.data import TensorDataset
@@ -41,10 +40,6 @@ class ModelBundle:
 
 _BUNDLES: dict[str, ModelBundle] = {}
 _MAX_SHARDS = 64
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 def model_key(cfg: Any, num_labels: int) -> str:
