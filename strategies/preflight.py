@@ -128,5 +128,6 @@ def preflight(cfg: Any, simulation: bool = True) -> ExperimentPlan:
     check_tracking(cfg)
     plan = build_plan(cfg)
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
-    get_bundle(cfg, plan.num_labels)
+    bundle = get_bundle(cfg, plan.num_labels)
+    plan.task.check(bundle.tokenizer, plan.task_data(), cfg)
     return plan

@@ -95,11 +95,17 @@ def run_server(
     cfg, fed = plan.cfg, plan.cfg.federation
     task = plan.task_data()
     bundle = get_bundle(cfg, plan.num_labels)
-    test = plan.task.encode(task.test, bundle.tokenizer, cfg.model)
+    test = plan.task.encode_eval(task.test, bundle.tokenizer, cfg.model, list(plan.label_names))
+    generation = cfg.model.get("generation") or {}
 
     def evaluate_fn(server_round: int, arrays):
         set_arrays(bundle.model, bundle.names, arrays)
         metrics = plan.task.evaluate(bundle.model, test, int(cfg.train.eval_batch_size), str(cfg.train.precision))
+        generated = plan.task.generations(bundle.model, bundle.tokenizer, test, int(generation.get("examples") or 0),
+                                          int(generation.get("max_new_tokens") or 16))
+        if generated is not None:
+            metrics["exact_match"], samples = generated
+            recorder.on_generations(server_round, samples)
         return metrics.pop("loss"), metrics
 
     ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT) if resume else None

@@ -33,7 +33,6 @@ from fedlora.core.config import seed_for
 from fedlora.core.errors import ConfigError
 from fedlora.core.secure import prepare_update
 from fedlora.data import TaskData, client_split
-from fedlora.data.sources import load_node_data
 from fedlora.models.lora import get_arrays, set_arrays
 from fedlora.plan import ExperimentPlan, config_key, weight_examples
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
@@ -61,7 +60,7 @@ class LoRAClient(NumPyClient):
         self.data_key = (config_key(cfg.data), config_key(cfg.partition), plan.num_clients, data_path, int(cfg.seed))
         if data_path:
             # The node's own file replaces its shard of the configured dataset.
-            rows = load_node_data(data_path, cfg.data, self.task.label_names)
+            rows = plan.task.load_node_data(data_path, cfg.data, self.task.label_names)
             self.task = TaskData(train=rows, test=self.task.test, label_names=self.task.label_names)
             self.train_idx, self.val_idx = client_split(
                 np.arange(len(rows)), float(cfg.data.validation_fraction), seed_for(cfg.seed, partition_id)
@@ -113,7 +112,9 @@ class LoRAClient(NumPyClient):
         secret = None
         if plan is not None:
             noise = self.plan.noise
-            secret = DPGenerators(noise=noise.torch_generator(pid, server_round, NOISE),
+            # The noise is drawn where the parameters live (Opacus adds it on their device).
+            device = self.plan.task.device(cfg.model)
+            secret = DPGenerators(noise=noise.torch_generator(pid, server_round, NOISE, device=device),
                                   sampling=noise.torch_generator(pid, server_round, SAMPLING))
         n_probe = probe_steps(cfg.train)
         probe = TrainStats(steps=0, loss=float("nan"), examples_seen=0)

@@ -69,9 +69,10 @@ class NoiseSource:
             return secrets.randbits(64)
         return _derived_seed((self.seed, *stream))
 
-    def torch_generator(self, *stream: int) -> torch.Generator:
-        """A fresh CPU generator for one use (e.g. one client's DP-SGD noise in one round)."""
-        return torch.Generator().manual_seed(self._seed(stream))
+    def torch_generator(self, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A fresh generator on ``device`` for one use (e.g. one client's DP-SGD noise in
+        one round)."""
+        return torch.Generator(device=device).manual_seed(self._seed(stream))
 
     def numpy_generator(self, *stream: int) -> np.random.Generator:
         """A fresh NumPy generator for one use (e.g. the server's noise in one round)."""

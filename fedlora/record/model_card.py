@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from peft import TaskType
+
 from fedlora.core.units import NONE
 from fedlora.models.hub import resolve_model_path
 from fedlora.plan import aggregator_name
@@ -46,6 +48,16 @@ def _loading(plan: Any, base: str) -> str:
     """How to load the adapter: stock transformers + PEFT where the head is the
     architecture's own, else the project's loader (the head is its own module)."""
     num_labels = plan.num_labels
+    if plan.task.peft_task_type == TaskType.CAUSAL_LM:
+        return (
+            "```python\n"
+            "from peft import AutoPeftModelForCausalLM\n"
+            "from transformers import AutoTokenizer\n\n"
+            'model = AutoPeftModelForCausalLM.from_pretrained("adapter")  # this folder; loads the base below\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+            "```\n\n"
+            'or answer from the command line: `python -m fedlora.generate <run dir> --prompt "..."`.\n'
+        )
     if str(plan.cfg.model.get("pooling", "model")) == "model" and plan.task.name == "classification":
         return (
             "```python\n"
@@ -85,8 +97,8 @@ def model_card(statement: dict[str, Any], plan: Any) -> str:
         privacy_section(statement),
         "## Training",
         "",
-        f"- Data: {cfg.data.name} ({plan.federation_train_size} training rows), labels "
-        f"{list(plan.label_names)}, split over {fed.num_clients} clients ({cfg.partition.name} partition).",
+        f"- Data: {cfg.data.name} ({plan.federation_train_size} training rows), "
+        + (f"labels {list(plan.label_names)}" if plan.label_names else "open-ended answers") + ", split over {fed.num_clients} clients ({cfg.partition.name} partition).",
         f"- Federation: {statement['rounds_completed']} of {fed.rounds} planned rounds, client sampling "
         f"fraction {fed.fraction_fit}; aggregation: {aggregation}"
         + (" under SecAgg+" if plan.secagg is not None else "") + ".",

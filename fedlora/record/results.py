@@ -13,11 +13,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fedlora.core.files import write_atomic
+from fedlora.core.files import append_durable, write_atomic
 from fedlora.core.units import CLIENT, LABEL, NONE, SCOPE
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 from fedlora.privacy.release import INTERNAL_DIR, INTERNAL_NOTE, ReleasePolicy
 from fedlora.record.checkpoint import resume_commands
+
+GENERATIONS = "generations.jsonl"
 
 # Sample-level: each client holds its own guarantee and the federation reports the
 # worst; client-level: one guarantee covers every client.
@@ -251,6 +253,10 @@ class RunRecorder:
         rec = self._round(server_round)
         rec["loss"] = _finite(float(loss))
         rec["accuracy"] = _finite(float(metrics.get("accuracy", math.nan)))
+        # A task's further metrics (causal LM: perplexity, exact match of generation).
+        for key, value in metrics.items():
+            if key not in rec and isinstance(value, (int, float)):
+                rec[key] = _finite(float(value))
         rec["epsilon"] = self.epsilon()
         rec["privacy_unit"] = LABEL[self.privacy_unit]
         rec["elapsed_s"] = round(time.time() - self.start, 3)
@@ -260,6 +266,15 @@ class RunRecorder:
         if self.internal is not None and internal:
             self.internal.append(internal)
         self._notify("on_round", public)
+
+    def on_generations(self, server_round: int, samples: list[dict[str, Any]]) -> None:
+        """A few held-out prompts with the reference and the model's greedy answer, one
+        line per round in ``generations.jsonl`` (the server's own test data: public)."""
+        if not samples:
+            return
+        line = json.dumps({"round": server_round, "samples": samples}, ensure_ascii=False) + "\n"
+        append_durable(Path(self.run_dir) / GENERATIONS, line.encode())
+        self._notify("on_generations", server_round, samples)
 
     def on_federated_evaluate(self, server_round: int, loss: float, accuracy: float, n: int) -> None:
         rec = self._round(server_round)
@@ -273,6 +288,9 @@ class RunRecorder:
         acc = rec.get("accuracy")
         acc_text = "n/a" if acc is None else f"{acc:.4f}"
         parts = [f"round {rec['round']}/{self.num_rounds}", f"test accuracy {acc_text}", f"loss {rec.get('loss') or float('nan'):.4f}"]
+        for key, name in (("perplexity", "perplexity"), ("exact_match", "exact match")):
+            if rec.get(key) is not None:
+                parts.append(f"{name} {rec[key]:.4g}")
         if rec["round"] > 0:
             parts.append(self.eps_text(rec.get("epsilon")))
             if "num_accepted" in rec:  # not published under client-level DP

@@ -78,7 +78,8 @@ def attach_tracking(recorder: Any, cfg: Any) -> list[Any]:
 def round_metrics(record: dict[str, Any], privacy_unit: str) -> dict[str, Any]:
     """One round record of ``results.json`` as W&B history keys (round 0: evaluation only)."""
     metrics: dict[str, Any] = {}
-    for key, name in (("accuracy", "test/accuracy"), ("loss", "test/loss"), ("elapsed_s", "time/elapsed_s")):
+    for key, name in (("accuracy", "test/accuracy"), ("loss", "test/loss"), ("perplexity", "test/perplexity"),
+                      ("exact_match", "test/exact_match"), ("elapsed_s", "time/elapsed_s")):
         if record.get(key) is not None:
             metrics[name] = record[key]
     if record.get("epsilon") is not None and privacy_unit in EPSILON_KEY:
@@ -239,6 +240,16 @@ class WandbTracker:
     def on_round(self, record: dict[str, Any], recorder: Any) -> None:
         if not self.finished:
             self.run.log(round_metrics(record, recorder.privacy_unit), step=int(record["round"]))
+
+    def on_generations(self, server_round: int, samples: list[dict[str, Any]], recorder: Any) -> None:
+        """The round's sample generations as a table a person can read."""
+        if self.finished:
+            return
+        import wandb
+
+        rows = [[server_round, s["prompt"], s["reference"], s["generated"]] for s in samples]
+        self.run.log({"test/generations": wandb.Table(columns=["round", "prompt", "reference", "generated"],
+                                                       data=rows)}, step=int(server_round))
 
     def on_finish(self, final: dict[str, Any], recorder: Any) -> None:
         if self.finished:

@@ -11,9 +11,10 @@ from typing import Any
 
 from fedlora.core.errors import ConfigError
 from fedlora.tasks.base import Task
+from fedlora.tasks.causal_lm import CausalLM
 from fedlora.tasks.classification import SequenceClassification
 
-TASKS: dict[str, Task] = {SequenceClassification.name: SequenceClassification()}
+TASKS: dict[str, Task] = {task.name: task for task in (SequenceClassification(), CausalLM())}
 
 
 def get_task(model_cfg: Any) -> Task:

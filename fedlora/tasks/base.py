@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
 from peft import TaskType
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from fedlora.data.sources import TaskData
 
 
 class Task(ABC):
@@ -32,6 +35,28 @@ class Task(ABC):
     #: The evaluation metric reported as the run's (and the report's) headline number.
     metric: str = "accuracy"
 
+    # -- data ------------------------------------------------------------------------
+    def load_data(self, data_cfg: Any, seed: int) -> "TaskData":
+        """The configured dataset as this task's rows (loaded once per process)."""
+        from fedlora.data.sources import load_task_data_cached
+
+        return load_task_data_cached(data_cfg, seed)
+
+    def load_node_data(self, path: str, data_cfg: Any, label_names: list[str]) -> Dataset:
+        """A SuperNode's own file (``--node-config data-path=...``) as training rows."""
+        from fedlora.data.sources import load_node_data
+
+        return load_node_data(path, data_cfg, label_names)
+
+    def check(self, tokenizer: PreTrainedTokenizerBase, data: "TaskData", cfg: Any) -> None:
+        """Refuse data this model cannot learn from, before the federation starts
+        (raise :class:`fedlora.core.errors.ConfigError` naming the setting)."""
+
+    # -- model -------------------------------------------------------------------------
+    def device(self, model_cfg: Any) -> torch.device:
+        """Where the model trains (the noise generator of DP-SGD follows it)."""
+        return torch.device("cpu")
+
     @abstractmethod
     def load(self, model_cfg: Any, num_labels: int, seed: int) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
         """(tokenizer, base model), the head initialised from ``seed`` where it is fresh."""
@@ -39,6 +64,11 @@ class Task(ABC):
     @abstractmethod
     def encode(self, rows: Dataset, tokenizer: PreTrainedTokenizerBase, model_cfg: Any) -> TensorDataset:
         """Rows (``text``, ``label``) as model inputs; the last tensor is the target."""
+
+    def encode_eval(self, rows: Dataset, tokenizer: PreTrainedTokenizerBase, model_cfg: Any,
+                    label_names: list[str]) -> TensorDataset:
+        """The server's held-out rows, with what evaluation needs besides the inputs."""
+        return self.encode(rows, tokenizer, model_cfg)
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -49,6 +79,12 @@ class Task(ABC):
     def evaluate(self, model: torch.nn.Module, data: TensorDataset, batch_size: int,
                  precision: str = "fp32") -> dict[str, float]:
         """``{"loss": ..., self.metric: ...}`` over ``data``."""
+
+    def generations(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: TensorDataset,
+                    count: int, max_new_tokens: int) -> tuple[float, list[dict[str, str]]] | None:
+        """(exact match, a few prompts with reference and generated answers) for generative
+        tasks; None for tasks that do not generate."""
+        return None
 
     def probe_inputs(self, model: torch.nn.Module, data: TensorDataset, batch_size: int,
                      precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:

@@ -12,7 +12,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from opacus import GradSampleModule
 from peft import PeftModel
 from torch.utils.data import TensorDataset
@@ -52,7 +51,7 @@ def get_bundle(cfg: Any, num_labels: int) -> ModelBundle:
     if bundle is None:
         task = get_task(cfg.model)
         tokenizer, base = task.load(cfg.model, num_labels, int(cfg.seed))
-        base.to(torch.device("cpu"))  # on its device before PEFT wraps it (Opacus/PEFT pitfall)
+        base.to(task.device(cfg.model))  # on its device before PEFT wraps it (Opacus/PEFT pitfall)
         model = build_lora_model(base, cfg.lora, task.peft_task_type)
         model.train()
         bundle = ModelBundle(tokenizer=tokenizer, model=model, names=trainable_names(model))

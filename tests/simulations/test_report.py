@@ -18,13 +18,17 @@ def _config(unit="sample", eps=8.0, seed=0, r=8, rounds=2):
     return {"seed": seed, "resume": False, "lora": {"r": r}, "privacy": privacy, "federation": {"rounds": rounds}}
 
 
-def _run(run_dir, config, accuracy, epsilon=None, overrides=None, finished=True):
+def _run(run_dir, config, accuracy, epsilon=None, overrides=None, finished=True, perplexity=None):
     run_dir.mkdir(parents=True)
     unit = config["privacy"]["unit"]
     final = {"accuracy": accuracy, "epsilon": epsilon, "delta": None if unit == "none" else 1e-5,
              "privacy_unit": unit, "rounds_completed": 2, "wall_s": 123.4,
              "epsilon_by_accountant": {} if epsilon is None else {"rdp": epsilon, "prv": epsilon * 0.9}}
-    rounds = [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": accuracy, "clients": [], "epsilon": epsilon}]
+    rounds = [{"round": 0, "accuracy": 0.5},
+              {"round": 1, "accuracy": accuracy, "clients": [], "epsilon": epsilon, "bytes_up": 1_500_000,
+               "bytes_down": 3_000_000}]
+    if perplexity is not None:
+        rounds[1]["perplexity"] = perplexity
     payload = {"config": config, "rounds": rounds, "final": final if finished else None}
     (run_dir / "results.json").write_text(json.dumps(payload))
     if overrides is not None:
@@ -34,6 +38,16 @@ def _run(run_dir, config, accuracy, epsilon=None, overrides=None, finished=True)
 
 def _rows(text):
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+
+
+def test_causal_lm_runs_get_a_perplexity_column(tmp_path):
+    sweep = tmp_path / "lm"
+    _run(sweep / "0", _config(eps=8), 0.7, epsilon=7.99, overrides=["privacy.target_epsilon=8"], perplexity=1.83)
+    _run(sweep / "1", _config(eps=3), 0.6, epsilon=2.99, overrides=["privacy.target_epsilon=3"], perplexity=2.5)
+    assert main([str(sweep)]) == 0
+    text = (sweep / REPORT).read_text()
+    assert "| test perplexity |" in text and "| MB up | MB down |" in text
+    assert "| 0.700 | 1.830 |" in text and "| 1.50 | 3.00 |" in text
 
 
 def test_multirun_rows_common_overrides_gap_and_plot(tmp_path, capsys):
@@ -47,7 +61,7 @@ def test_multirun_rows_common_overrides_gap_and_plot(tmp_path, capsys):
     assert text in capsys.readouterr().out
     rows = _rows(text.split("Overrides every run shares")[0])
     assert rows[0] == ("| 0 | `privacy.target_epsilon=1` | 0.690 | -6.5 | 0.999 (RDP; PRV 0.899) | 1e-05 "
-                       "| sample-level (max over clients) | 2/2 | 123 |")
+                       "| sample-level (max over clients) | 2/2 | 1.50 | 3.00 | 123 |")
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2", "| no_dp"]
     assert rows[3].startswith("| no_dp | `privacy=none` | 0.755 | +0.0 | – (no DP) | – | no DP |")
     assert "Overrides every run shares: `federation.rounds=2`." in text

@@ -142,11 +142,18 @@ def _wait(proc: subprocess.Popen, fed: Federation, name: str, timeout: float) ->
         pytest.fail(f"{name} did not finish in {timeout}s; log tail:\n{fed.log(name)[-3000:]}")
 
 
+# The causal-LM task on a tiny random Llama (SmolLM2's tokenizer): the deployment is task-agnostic.
+TINY_LM = ("experiment=lm model=tiny_llama data.max_train_samples=120 data.max_test_samples=8 train.batch_size=16 "
+           "tracking=none")
+
+
 def test_tls_node_auth_end_to_end(federation, tmp_path):
-    """2 registered SuperNodes, 2 rounds of sample-level DP through `flwr run`."""
+    """2 registered SuperNodes, 2 rounds of sample-level DP through `flwr run`, on the
+    causal-LM task."""
     federation.ensure_nodes(2, 2)
     run_dir = tmp_path / "e2e"
-    proc = federation.flwr_run(f"{SMALL} federation.num_clients=2 federation.rounds=2 train.local_steps=2", run_dir, log_name="e2e")
+    proc = federation.flwr_run(f"{TINY_LM} federation.num_clients=2 federation.rounds=2 train.local_steps=2", run_dir,
+                               log_name="e2e")
     _wait(proc, federation, "e2e", 420)
     res = json.loads((run_dir / "results.json").read_text())
     final = res["final"]
@@ -167,6 +174,9 @@ def test_tls_node_auth_end_to_end(federation, tmp_path):
     lora_b = [v for k, v in tensors.items() if "lora_B" in k]
     assert lora_b and any(np.abs(b).max() > 0 for b in lora_b)  # B starts at zero
     assert (run_dir / CHECKPOINT).is_file() and (run_dir / "config.yaml").is_file()
+    assert all(rounds[r]["perplexity"] > 1 for r in (0, 1, 2))
+    assert json.loads((adapter / "answers.json").read_text()) == ["not great", "great"]
+    assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 3
 
 
 def test_unregistered_supernode_is_refused(federation):
