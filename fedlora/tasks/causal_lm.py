@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from fedlora.core.errors import ConfigError
 from fedlora.models.hub import load_tokenizer, resolve_model_path
 from fedlora.tasks.base import Task, autocast
+
+# PEFT still calls transformers' deprecated name on every forward of a causal LM.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 ANSWERS_FILE = "answers.json"
 IGNORE = -100
