@@ -35,10 +35,7 @@ def answer(run_dir: Path | str, prompts: list[str], max_new_tokens: int = 64) ->
     template = has_template(tokenizer, cfg.model)
     ids = [render(tokenizer, ([{"role": "system", "content": system}] if system else [])
                   + [{"role": "user", "content": p}], "", template).prompt for p in prompts]
-    eos = [i for i in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-           if isinstance(i, int)]
-    outs = task.generate(model, ids, max_new_tokens, int(tokenizer.pad_token_id), eos or None)
-    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+    return task.generate(model, tokenizer, ids, max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

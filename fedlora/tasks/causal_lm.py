@@ -378,14 +378,17 @@ class CausalLM(Task):
         return rows
 
     @torch.no_grad()
-    def generate(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
-                 eos_ids: list[int] | None = None) -> list[list[int]]:
-        """Greedy continuations (token ids) of ``prompts``."""
+    def generate(self, model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        """Greedy answers to ``prompts`` (token ids), stopping at the tokenizer's or the
+        model's end-of-sequence token."""
         device = device_of_model(model)
-        ids, mask = left_pad(prompts, int(pad_id))
+        pad_id = int(tokenizer.pad_token_id)
+        eos = [i for i in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
+               if isinstance(i, int)]
+        ids, mask = left_pad(prompts, pad_id)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=int(pad_id), eos_token_id=eos_ids)
-        return [row[ids.shape[1]:].tolist() for row in out.cpu()]
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=eos or None)
+        return [tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out.cpu()]
 
     def evaluate(self, model, data, batch_size, precision="fp32"):
         ev: EvalSet = data.evalset
@@ -431,13 +434,9 @@ class CausalLM(Task):
         was_training = model.training
         model.eval()
         try:
-            eos = [i for i in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-                   if isinstance(i, int)]
-            outs = self.generate(model, [ev.examples[i].prompt for i in picked], max_new_tokens, ev.pad_id,
-                                 eos or None)
+            texts = self.generate(model, tokenizer, [ev.examples[i].prompt for i in picked], max_new_tokens)
         finally:
             model.train(was_training)
-        texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
         hits = [normalise_answer(t) == normalise_answer(ev.references[i]) for t, i in zip(texts, picked)]
         samples = [{"prompt": ev.prompts[i], "reference": ev.references[i], "generated": t}
                    for t, i in zip(texts, picked)]
