@@ -34,7 +34,14 @@ from datasets import Dataset
 
 from fedlora.core.config import canonical_json
 from fedlora.core.errors import ConfigError
-from fedlora.data.sources import SOURCES, TaskData, _cap, _normalise, read_table
+from fedlora.data.sources import (
+    SOURCES,
+    TaskData,
+    _cap,
+    _normalise,
+    load_hub_split,
+    read_table,
+)
 
 FORMATS = ("auto", "alpaca", "chat", "classification", "text")
 MAX_CLOSED_ANSWERS = 16
@@ -183,20 +190,10 @@ def _hold_out(df: pd.DataFrame, cfg: Any, seed: int) -> tuple[pd.DataFrame, pd.D
 
 
 def _hub(cfg: Any, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, None]:
-    import datasets
-
-    kwargs = {"name": cfg.subset} if cfg.get("subset") else {}
-    revision = cfg.get("revision")
-    if revision:
-        kwargs["revision"] = str(revision)
-    try:
-        train = datasets.load_dataset(str(cfg.name), split=str(cfg.train_split), **kwargs).to_pandas()
-        if not cfg.get("test_split"):  # e.g. flwrlabs/alpaca-gpt4 has a train split only
-            return (*_hold_out(train, cfg, seed), None)
-        test = datasets.load_dataset(str(cfg.name), split=str(cfg.test_split), **kwargs).to_pandas()
-    except Exception as err:  # the hub raises many types (network, missing, auth)
-        raise ConfigError("data.name", f"cannot load hub dataset {cfg.name!r}: {type(err).__name__}: {err}") from err
-    return train, test, None
+    train = load_hub_split(cfg, cfg.train_split).to_pandas()
+    if not cfg.get("test_split"):  # e.g. flwrlabs/alpaca-gpt4 has a train split only
+        return (*_hold_out(train, cfg, seed), None)
+    return train, load_hub_split(cfg, cfg.test_split).to_pandas(), None
 
 
 FORMATTERS = {"alpaca": _alpaca, "chat": _chat, "text": _plain}

@@ -136,17 +136,24 @@ def _bbc_news(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
     return df.iloc[tr].reset_index(drop=True), df.iloc[te].reset_index(drop=True), None
 
 
-def _hub(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
+def load_hub_split(cfg: Any, split: str):
+    """One split of the hub dataset ``data.name`` (``data.subset``, ``data.revision`` to
+    pin a commit), or a ConfigError naming ``data.name`` with the hub's reason."""
     import datasets
 
-    kwargs = {"name": cfg.subset} if cfg.subset else {}
+    kwargs = {"name": str(cfg.subset)} if cfg.get("subset") else {}
+    if cfg.get("revision"):
+        kwargs["revision"] = str(cfg.revision)
     try:
-        train = datasets.load_dataset(cfg.name, split=cfg.train_split, **kwargs)
-        test = datasets.load_dataset(cfg.name, split=cfg.test_split, **kwargs)
+        return datasets.load_dataset(str(cfg.name), split=str(split), **kwargs)
     except Exception as err:  # the hub raises many types (network, missing, auth)
         raise ConfigError(
             "data.name", f"cannot load hub dataset {cfg.name!r}: {type(err).__name__}: {err}"
         ) from err
+
+
+def _hub(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
+    train, test = load_hub_split(cfg, cfg.train_split), load_hub_split(cfg, cfg.test_split)
     label_names = None
     feature = train.features.get(cfg.label_column)
     if isinstance(feature, ClassLabel):

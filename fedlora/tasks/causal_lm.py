@@ -235,6 +235,15 @@ def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tenso
     return nll, targets != IGNORE
 
 
+def stop_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
+    """Every end-of-sequence id of the tokenizer and of the model's generation config,
+    which may hold several (Llama 3 ends a turn with <|eot_id|> as well as <|end_of_text|>)."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
 def normalise_answer(text: str) -> str:
     """Lower case, no punctuation or surrounding space: what exact match compares."""
     return re.sub(r"[^\w\s]", "", text).strip().lower()
@@ -383,8 +392,7 @@ class CausalLM(Task):
         model's end-of-sequence token."""
         device = device_of_model(model)
         pad_id = int(tokenizer.pad_token_id)
-        eos = [i for i in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)}
-               if isinstance(i, int)]
+        eos = stop_ids(tokenizer, model)
         ids, mask = left_pad(prompts, pad_id)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad_id, eos_token_id=eos or None)

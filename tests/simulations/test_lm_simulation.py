@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from fedlora.privacy.ledger import PrivacyLedger
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.ray]
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

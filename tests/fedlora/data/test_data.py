@@ -117,3 +117,14 @@ def test_client_split_keeps_a_training_row():
     assert len(tr) == 8 and len(va) == 2 and not set(tr) & set(va)
     tr, va = client_split(np.arange(1), 0.5, 0)
     assert len(tr) == 1 and len(va) == 0
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=lm"]])
+def test_an_unreachable_hub_dataset_names_the_setting(overrides):
+    """Classification and instruction data load hub datasets through one loader; without
+    the hub (HF_HUB_OFFLINE=1 here) both refuse with the setting to change."""
+    from fedlora.tasks import get_task
+
+    cfg = compose([*overrides, "data=hf", "data.name=no-such-org/no-such-dataset", "data.revision=abc123"])
+    with pytest.raises(ConfigError, match=r"data\.name.*no-such-org/no-such-dataset"):
+        get_task(cfg.model).load_data(cfg.data, 0)

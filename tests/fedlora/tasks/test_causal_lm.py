@@ -22,7 +22,7 @@ from fedlora.data.instructions import detect_format, load_instruction_data
 from fedlora.models.lora import build_lora_model, get_arrays, trainable_names
 from fedlora.privacy import DPPlan
 from fedlora.tasks import get_task
-from fedlora.tasks.causal_lm import IGNORE, CausalLM, Rendered, fit, render
+from fedlora.tasks.causal_lm import IGNORE, CausalLM, Rendered, fit, render, stop_ids
 
 LM = ["experiment=lm", "model=tiny_llama", "data.max_train_samples=64", "data.max_test_samples=8",
       "federation.num_clients=2", "federation.rounds=1", "tracking=none"]
@@ -182,6 +182,28 @@ def test_evaluation_reports_loss_perplexity_accuracy_and_generations(lm):
     assert isinstance(samples[0]["generated"], str)
     assert task.generations(model, tokenizer, test, 0, 3) is None
     assert model.training  # evaluation restores the training mode
+
+
+def test_generation_stops_at_every_end_of_sequence_id_of_a_list_valued_config(lm):
+    """Llama 3 lists several end ids in its generation config (<|eot_id|>, <|end_of_text|>):
+    greedy generation must stop at each of them, not only at the tokenizer's EOS."""
+    cfg, task, tokenizer, model = lm
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [5, 7, tokenizer.eos_token_id]
+        assert stop_ids(tokenizer, model) == sorted({5, 7, tokenizer.eos_token_id})
+        model.generation_config.eos_token_id = 9
+        assert stop_ids(tokenizer, model) == sorted({9, tokenizer.eos_token_id})
+        # A generation that would go on past an id of the list ends there.
+        prompt = task.encode(rows(["good?"], ["great"]), tokenizer, cfg.model).evalset.examples[0].prompt
+        model.eval()
+        free = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=None)[0, len(prompt):].tolist()
+        model.generation_config.eos_token_id = [free[0]]
+        assert task.generate(model, tokenizer, [prompt], max_new_tokens=3) == [""]
+    finally:
+        model.generation_config.eos_token_id = saved
+        model.train()
 
 
 def test_data_formats_are_detected_from_the_columns(tmp_path):
