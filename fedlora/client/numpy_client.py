@@ -88,7 +88,10 @@ class LoRAClient(NumPyClient):
             idx = other.train_indices if split == "train" else other.val_indices
         flip = split == "train" and self.attack.poisons_data and pid in self.colluders
         key = (self.data_key, split, pid, flip)
-        return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
+        if split != "train":
+            return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
+        return cached_shard(bundle, key, lambda: self.plan.task.training_data(
+            bundle.model, self._tokenize(bundle, idx, flip), self.cfg.model, int(self.cfg.train.eval_batch_size)))
 
     def _tokenize(self, bundle: ModelBundle, idx, flip: bool):
         rows = self.task.train.select(idx)

@@ -70,6 +70,12 @@ class Task(ABC):
         """The server's held-out rows, with what evaluation needs besides the inputs."""
         return self.encode(rows, tokenizer, model_cfg)
 
+    def training_data(self, model: torch.nn.Module, data: TensorDataset, model_cfg: Any,
+                      batch_size: int) -> TensorDataset:
+        """A client's encoded training shard in the form its training steps read; a task may
+        precompute there what no step changes (kept in the client's process only)."""
+        return data
+
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The mean over the batch's examples of each example's own loss: what Opacus's

