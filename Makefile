@@ -28,11 +28,9 @@ run: setup
 	$(PY) -m simulations.run $(ARGS)
 
 # Line coverage of fedlora/, strategies/ and simulations/, subprocesses included
-# (pyproject.toml, [tool.coverage.run]). Two pytest-xdist workers: much of the suite waits
-# on processes it starts (simulations, SuperLink, SuperNodes), so the second core is used
-# while one waits; tests/conftest.py keeps each module, and all Ray simulations, together.
+# (pyproject.toml, [tool.coverage.run]).
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup --cov --cov-report=term --cov-fail-under=90 $(ARGS)
+	$(PY) -m pytest -q --cov --cov-report=term --cov-fail-under=90 $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" $(ARGS)

@@ -11,17 +11,6 @@ import pytest  # noqa: E402
 
 from fedlora.core.config import compose  # noqa: E402
 
-
-def pytest_collection_modifyitems(config, items):
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test``): a module's tests stay
-    in one worker, so its module-scoped run is made once; the modules marked ``ray`` share
-    one worker, so one Ray instance runs at a time and each module's check that no Ray
-    process is left behind sees only its own."""
-    for item in items:
-        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 TINY = [
     "model=tiny_bert",
     "data.max_train_samples=120",

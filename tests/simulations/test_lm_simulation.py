@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from fedlora.privacy.ledger import PrivacyLedger
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = pytest.mark.integration
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

@@ -16,7 +16,7 @@ from peft import PeftModel
 from fedlora.data import load_task_data
 from fedlora.tasks import get_task
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = pytest.mark.integration
 
 STARTED = {}
 

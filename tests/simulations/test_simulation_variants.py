@@ -16,7 +16,7 @@ import pytest
 from fedlora.privacy import epsilon_from_history
 from fedlora.record.checkpoint import load_checkpoint
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = pytest.mark.integration
 
 TINY = [
     "model=tiny_bert", "data.max_train_samples=160", "data.max_test_samples=40",

@@ -34,7 +34,7 @@ from strategies.client_dp import ClientLevelDP
 from strategies.fedlora_strategy import FedLoRAStrategy
 from strategies.secagg import secagg_workflow
 
-pytestmark = [pytest.mark.integration, pytest.mark.ray]
+pytestmark = pytest.mark.integration
 
 SHAPES = [(8, 64), (64, 8), (2, 64)]
 SIZES = [40, 55, 70, 85]  # examples per client (the SecAgg+ weights)
