@@ -15,12 +15,10 @@ import torch
 from datasets import Dataset
 from opacus import GradSampleModule
 
-from fedlora.client.training import DPGenerators, train_dp
 from fedlora.core.config import compose
 from fedlora.core.errors import ConfigError
 from fedlora.data.instructions import detect_format, load_instruction_data
 from fedlora.models.lora import build_lora_model, get_arrays, trainable_names
-from fedlora.privacy import DPPlan
 from fedlora.tasks import get_task
 from fedlora.tasks.causal_lm import IGNORE, CausalLM, Rendered, fit, render, stop_ids
 
@@ -114,19 +112,14 @@ def test_per_example_gradients_do_not_depend_on_the_other_sequences(lm):
     gsm._close()
 
 
-def test_dp_sgd_moves_the_lora_tensors(lm):
+def test_dp_sgd_moves_the_lora_tensors(lm, dp_steps):
     """Opacus + PEFT has produced untrained adapters before (opacus#820): every B must move."""
     cfg, task, tokenizer, model = lm
     data = task.encode(rows([f"question {i}?" for i in range(32)], ["great" if i % 2 else "not great"
                                                                       for i in range(32)]), tokenizer, cfg.model)
     names = trainable_names(model)
     before = get_arrays(model, names)
-    plan = DPPlan(sample_rate=0.25, noise_multiplier=0.5, steps_per_round=3, expected_batch_size=8, probe_steps=0,
-                  planned_rounds=1, max_grad_norm=1.0, target_epsilon=8.0, delta=1e-5, accountant="rdp")
-    gsm = GradSampleModule(model)
-    gens = DPGenerators(noise=torch.Generator().manual_seed(1), sampling=torch.Generator().manual_seed(2))
-    stats = train_dp(gsm, data, cfg.train, plan, 3, gens, task.loss)
-    gsm._close()
+    stats = dp_steps(model, data, cfg.train, task.loss, steps=3, sample_rate=0.25, batch=8)
     after = get_arrays(model, names)
     assert stats.steps == 3
     moved = {n: float(np.abs(a - b).max()) for n, a, b in zip(names, after, before)}

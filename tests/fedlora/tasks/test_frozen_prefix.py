@@ -11,11 +11,9 @@ import torch
 from datasets import Dataset
 from opacus import GradSampleModule
 
-from fedlora.client.training import DPGenerators, train_dp
 from fedlora.core.config import compose
 from fedlora.core.errors import ConfigError
 from fedlora.models.lora import build_lora_model, get_arrays, trainable_names
-from fedlora.privacy import DPPlan
 from fedlora.tasks import get_task
 from fedlora.tasks.frozen_prefix import PrefixData, check_exact, first_trained_layer
 
@@ -74,21 +72,16 @@ def test_loss_and_per_example_gradients_equal_the_whole_models():
     gsm._close()
 
 
-def test_dp_sgd_from_the_cache_moves_the_adapter():
+def test_dp_sgd_from_the_cache_moves_the_adapter(dp_steps):
     cfg, task, model, data = build()
     cached = task.training_data(model, data, cfg.model, 3)
     names = trainable_names(model)
     before = get_arrays(model, names)
-    plan = DPPlan(sample_rate=0.5, noise_multiplier=0.5, steps_per_round=2, expected_batch_size=3, probe_steps=0,
-                  planned_rounds=1, max_grad_norm=1.0, target_epsilon=8.0, delta=1e-5, accountant="rdp")
-    gsm = GradSampleModule(model)
-    gens = DPGenerators(noise=torch.Generator().manual_seed(1), sampling=torch.Generator().manual_seed(2))
-    stats = train_dp(gsm, cached, cfg.train, plan, 2, gens, task.loss)
+    stats = dp_steps(model, cached, cfg.train, task.loss, steps=2, sample_rate=0.5, batch=3)
     after = get_arrays(model, names)
     assert stats.steps == 2
     assert all(n.startswith("base_model.model.model.layers.") for n in names)
     assert any(abs(a - b).max() > 0 for n, a, b in zip(names, after, before) if "lora_B" in n)
-    gsm._close()
 
 
 def test_a_forward_that_is_not_the_models_is_refused():
