@@ -20,7 +20,26 @@ from transformers import PreTrainedModel
 from fedlora.core.errors import ConfigError
 
 
-def lora_config(lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS) -> LoraConfig:
+def resolve_layers(layers: Any, num_layers: int | None) -> list[int] | None:
+    """``lora.layers_to_transform`` as PEFT's layer indices: negative ones count from the
+    top (-1 = the last layer), so one recipe fits models of any depth."""
+    if not layers:
+        return None
+    out = []
+    for index in (int(i) for i in layers):
+        if index < 0:
+            if num_layers is None:
+                raise ConfigError("lora.layers_to_transform", f"layer {index} counts from the top, but the model "
+                                  "does not say how many layers it has; give non-negative indices")
+            index += num_layers
+        if index < 0 or (num_layers is not None and index >= num_layers):
+            raise ConfigError("lora.layers_to_transform", f"layer {index} does not exist in a model of "
+                              f"{num_layers} layers")
+        out.append(index)
+    return sorted(set(out))
+
+
+def lora_config(lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS, num_layers: int | None = None) -> LoraConfig:
     if int(lora_cfg.r) < 1:
         raise ConfigError("lora.r", f"must be >= 1, got {lora_cfg.r}")
     return LoraConfig(
@@ -31,9 +50,7 @@ def lora_config(lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS) -> LoraCo
         target_modules=list(lora_cfg.target_modules),
         # Adapting only the top layers stops backpropagation below them: a step then
         # costs little more than a forward pass, and fewer tensors carry DP noise.
-        layers_to_transform=(
-            list(lora_cfg.layers_to_transform) if lora_cfg.get("layers_to_transform") else None
-        ),
+        layers_to_transform=resolve_layers(lora_cfg.get("layers_to_transform"), num_layers),
     )
 
 
@@ -42,8 +59,9 @@ def build_lora_model(base: PreTrainedModel, lora_cfg: Any, task_type: TaskType =
     seeded, so identical everywhere."""
     # Seed just before PEFT draws A so that every process gets the same factors.
     torch.manual_seed(int(lora_cfg.seed))
+    config = lora_config(lora_cfg, task_type, getattr(base.config, "num_hidden_layers", None))
     try:
-        model = get_peft_model(base, lora_config(lora_cfg, task_type))
+        model = get_peft_model(base, config)
     except ValueError as err:
         raise ConfigError("lora.target_modules", str(err)) from err
     if lora_cfg.freeze_a:

@@ -78,3 +78,20 @@ def test_ffa_lora_sends_no_a_and_a_stays_fixed(tiny_cfg):
     assert any(moved), "no B/head tensor was trained"
     full = get_bundle(tiny_cfg(), task.num_labels)
     assert sum(a.size for a in after) < sum(a.size for a in get_arrays(full.model, full.names))
+
+
+def test_layers_to_transform_counts_negative_indices_from_the_top():
+    import pytest
+
+    from fedlora.core.errors import ConfigError
+    from fedlora.models.lora import resolve_layers
+
+    assert resolve_layers([-1], 30) == [29]
+    assert resolve_layers([-2, -1, 3], 30) == [3, 28, 29]
+    assert resolve_layers(None, 30) is None
+    with pytest.raises(ConfigError, match="lora.layers_to_transform"):
+        resolve_layers([30], 30)
+    with pytest.raises(ConfigError, match="lora.layers_to_transform"):
+        resolve_layers([-31], 30)
+    with pytest.raises(ConfigError, match="lora.layers_to_transform"):
+        resolve_layers([-1], None)
