@@ -230,8 +230,7 @@ def token_nll(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor, 
     keep = max(labels.shape[1] - first + 1, 2)  # the logit at t predicts token t + 1
     keep = min(keep, labels.shape[1])
     if inputs.is_floating_point():
-        start = frozen_prefix.first_trained_layer(model)
-        logits = frozen_prefix.logits_from(model, start, inputs, mask, positions(mask), keep)
+        logits = frozen_prefix.logits_from_cache(model, inputs, mask, positions(mask), keep)
     else:
         logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions(mask),
                        logits_to_keep=keep, use_cache=False).logits
@@ -330,27 +329,40 @@ class CausalLM(Task):
 
     def training_data(self, model, data: LMData, model_cfg, batch_size: int) -> TensorDataset:
         """With ``model.cache_frozen_prefix`` and LoRA on the top layers only, the input of
-        the lowest trained layer for every example, computed once (see
-        :mod:`fedlora.tasks.frozen_prefix`); checked against the whole model on the first rows."""
+        the lowest trained layer for every example, computed once; with LoRA on the top
+        layer's MLP only, the input of that MLP block in the answer columns (see
+        :mod:`fedlora.tasks.frozen_prefix`). Checked against the whole model on the first rows."""
         start = frozen_prefix.first_trained_layer(model)
         if not _opt(model_cfg, "cache_frozen_prefix", False) or start is None or len(data) == 0:
             return data
         ids, mask, labels = data.tensors
+        top_mlp = frozen_prefix.top_mlp_only(model)
+        width = ids.shape[1]
+        if top_mlp:
+            # The answer columns and the one before the first of them (its logit predicts it).
+            labelled = (labels != IGNORE).any(dim=0).nonzero()
+            width = min(width - int(labelled.min()) + 1 if len(labelled) else 2, width)
+
+        def grab(chunk_ids: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
+            pos = positions(chunk_mask)
+            if top_mlp:
+                return frozen_prefix.mlp_inputs(model, chunk_ids, chunk_mask, pos, width)
+            return frozen_prefix.layer_inputs(model, start, chunk_ids, chunk_mask, pos)
+
         device = device_of_model(model)
         hidden = None
         for lo in range(0, len(ids), batch_size):
             chunk_ids, chunk_mask = _cut_leading(ids[lo:lo + batch_size], mask[lo:lo + batch_size],
                                                  mask=mask[lo:lo + batch_size])
-            h = frozen_prefix.layer_inputs(model, start, chunk_ids.to(device), chunk_mask.to(device),
-                                           positions(chunk_mask).to(device)).float().cpu()
+            h = grab(chunk_ids.to(device), chunk_mask.to(device)).float().cpu()
             if hidden is None:
-                hidden = torch.zeros((len(ids), ids.shape[1], h.shape[-1]))
-            hidden[lo:lo + len(h), ids.shape[1] - h.shape[1]:] = h
-        cached = frozen_prefix.PrefixData(hidden, mask, labels)
+                hidden = torch.zeros((len(ids), width, h.shape[-1]))
+            hidden[lo:lo + len(h), width - h.shape[1]:] = h
+        cached = frozen_prefix.PrefixData(hidden, mask[:, -width:], labels[:, -width:])
         head = slice(0, min(4, len(ids)))
         with torch.no_grad():
             frozen_prefix.check_exact(self.per_example_loss(model, (ids[head], mask[head], labels[head])),
-                                      self.per_example_loss(model, (hidden[head], mask[head], labels[head])))
+                                      self.per_example_loss(model, cached[head]))
         return cached
 
     def per_example_loss(self, model, batch) -> torch.Tensor:

@@ -12,6 +12,12 @@ layers that are frozen. It is the feature-caching of private fine-tuning on froz
 features (Tramèr and Boneh 2021, "Differentially Private Learning Needs Better
 Features"), applied to the frozen bottom of the network.
 
+When every trained tensor lies in the MLP of the top layer, nothing trained mixes
+positions: attention, the last place where one position reads another, is frozen in
+every layer. The cache then holds, for the answer columns only, the residual stream
+entering that MLP, and a step is ``lm_head(norm(h + mlp(post_attention_layernorm(h))))``
+on those few columns: the cost of a step no longer grows with the prompt.
+
 The cache holds activations of the client's own examples and stays in the client's
 process like its tokenized shard: it is never sent or written.
 """
@@ -37,7 +43,8 @@ class _Captured(Exception):
 
 class PrefixData(TensorDataset):
     """``(hidden, attention_mask, labels)``: the input of the lowest adapted layer of every
-    position, in place of the token ids."""
+    position, in place of the token ids; for a top-layer MLP, the input of that MLP's
+    residual block in the last columns only, with the mask and labels of those columns."""
 
 
 def _peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,6 +77,22 @@ def first_trained_layer(model: torch.nn.Module) -> int | None:
     return start or None
 
 
+def top_mlp_only(model: torch.nn.Module) -> bool:
+    """Whether every trained tensor lies in the MLP of the top decoder layer."""
+    _, layers = decoder_layers(model)
+    inside = f".layers.{len(layers) - 1}.mlp."
+    names = [name for name, param in _peft(model).named_parameters() if param.requires_grad]
+    return bool(names) and all(inside in name for name in names)
+
+
+def _mlp_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if norm is None or not hasattr(layer, "mlp"):
+        raise ConfigError("model.cache_frozen_prefix", f"{type(layer).__name__} has no post_attention_layernorm "
+                          "before its mlp to cache at; set model.cache_frozen_prefix=false")
+    return norm
+
+
 @contextlib.contextmanager
 def _from_layer(decoder: torch.nn.Module, layers: torch.nn.ModuleList, start: int):
     """The decoder with layers ``start:`` only, for a forward from their input."""
@@ -99,6 +122,49 @@ def layer_inputs(model: torch.nn.Module, start: int, input_ids: torch.Tensor, ma
     finally:
         handle.remove()
     return seen[0]
+
+
+@torch.no_grad()
+def mlp_inputs(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+               keep: int) -> torch.Tensor:
+    """The residual stream entering the top layer's MLP block, in the last ``keep`` columns."""
+    _, layers = decoder_layers(model)
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args):
+        seen.append(args[0][:, -keep:].detach())
+        raise _Captured
+
+    handle = _mlp_norm(layers[-1]).register_forward_pre_hook(grab)
+    try:
+        _peft(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def logits_from_mlp_input(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of every cached column: the top layer's MLP block, the final norm and the
+    vocabulary projection. Called through the submodules, so Opacus's hooks on the
+    adapted MLP projections see the step."""
+    base = _peft(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    decoder, layers = decoder_layers(model)
+    layer = layers[-1]
+    norm = _mlp_norm(layer)
+    hidden = hidden.to(norm.weight.dtype)
+    out = hidden + layer.mlp(norm(hidden))
+    return base.get_output_embeddings()(decoder.norm(out))
+
+
+def logits_from_cache(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor,
+                      position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` columns from whichever cache the trained tensors call for."""
+    if top_mlp_only(model):
+        return logits_from_mlp_input(model, hidden[:, -keep:])
+    return logits_from(model, first_trained_layer(model), hidden, mask, position_ids, keep)
 
 
 def logits_from(model: torch.nn.Module, start: int, hidden: torch.Tensor, mask: torch.Tensor,

@@ -15,10 +15,15 @@ from fedlora.core.config import compose
 from fedlora.core.errors import ConfigError
 from fedlora.models.lora import build_lora_model, get_arrays, trainable_names
 from fedlora.tasks import get_task
-from fedlora.tasks.frozen_prefix import PrefixData, check_exact, first_trained_layer
+from fedlora.tasks.frozen_prefix import PrefixData, check_exact, first_trained_layer, top_mlp_only
 
 TOP = ["experiment=lm", "model=tiny_llama", "model.random_init.num_hidden_layers=4", "model.cache_frozen_prefix=true",
        "lora.layers_to_transform=[2,3]", "tracking=none"]
+
+
+# LoRA on attention of the top two layers; LoRA on the top layer's MLP only (the cache
+# then holds the input of that MLP block in the answer columns).
+CACHES = [[], ["lora.target_modules=[gate_proj,up_proj,down_proj]", "lora.layers_to_transform=[3]"]]
 
 
 def build(*overrides: str):
@@ -46,10 +51,18 @@ def test_the_lowest_trained_layer_is_found_and_nothing_is_cached_without_a_froze
     assert task.training_data(model, data, cfg.model, 4) is data
     cfg, task, model, data = build("model.cache_frozen_prefix=false")
     assert task.training_data(model, data, cfg.model, 4) is data
+    cfg, task, model, data = build(*CACHES[1])
+    assert top_mlp_only(model)
+    cached = task.training_data(model, data, cfg.model, 4)
+    # Only the answer columns (the longest answer, "not great at all" + the end of the
+    # turn, and the column before it) are kept, not the prompts.
+    longest = int((data.tensors[2] != -100).sum(dim=1).max())
+    assert cached.tensors[0].shape[1] == longest + 1 < data.tensors[0].shape[1]
 
 
-def test_loss_and_per_example_gradients_equal_the_whole_models():
-    cfg, task, model, data = build()
+@pytest.mark.parametrize("overrides", CACHES, ids=["top_layers", "top_mlp"])
+def test_loss_and_per_example_gradients_equal_the_whole_models(overrides):
+    cfg, task, model, data = build(*overrides)
     cached = task.training_data(model, data, cfg.model, 4)  # built in chunks of 4 rows of other widths
     gsm = GradSampleModule(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -72,8 +85,9 @@ def test_loss_and_per_example_gradients_equal_the_whole_models():
     gsm._close()
 
 
-def test_dp_sgd_from_the_cache_moves_the_adapter(dp_steps):
-    cfg, task, model, data = build()
+@pytest.mark.parametrize("overrides", CACHES, ids=["top_layers", "top_mlp"])
+def test_dp_sgd_from_the_cache_moves_the_adapter(dp_steps, overrides):
+    cfg, task, model, data = build(*overrides)
     cached = task.training_data(model, data, cfg.model, 3)
     names = trainable_names(model)
     before = get_arrays(model, names)
