@@ -56,7 +56,8 @@ def measure(mode: str, steps: int, batch_size: int, overrides: list[str]) -> dic
     from fedlora.tasks.runtime import get_bundle
 
     torch.set_num_threads(2)
-    cached = ["model.cache_frozen_prefix=true"] if mode == "cached" else []
+    # The prefix is computed here, not read from a client's folder: its one-time cost is measured.
+    cached = [f"model.cache_frozen_prefix={str(mode == 'cached').lower()}", "model.frozen_prefix_dir=null"]
     cfg = compose(["experiment=lm", "tracking=none", *overrides, *cached])
     task = get_task(cfg.model)
     data = task.load_data(cfg.data, int(cfg.seed))

@@ -25,6 +25,7 @@ and a few generations for a person to read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -52,6 +53,14 @@ IGNORE = -100
 # Stanford Alpaca's prompt, for tokenizers without a chat template.
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def _opt(model_cfg: Any, key: str, default: Any) -> Any:
@@ -349,20 +358,26 @@ class CausalLM(Task):
                 return frozen_prefix.mlp_inputs(model, chunk_ids, chunk_mask, pos, width)
             return frozen_prefix.layer_inputs(model, start, chunk_ids, chunk_mask, pos)
 
-        device = device_of_model(model)
-        hidden = None
-        for lo in range(0, len(ids), batch_size):
-            chunk_ids, chunk_mask = _cut_leading(ids[lo:lo + batch_size], mask[lo:lo + batch_size],
-                                                 mask=mask[lo:lo + batch_size])
-            h = grab(chunk_ids.to(device), chunk_mask.to(device)).float().cpu()
-            if hidden is None:
-                hidden = torch.zeros((len(ids), width, h.shape[-1]))
-            hidden[lo:lo + len(h), width - h.shape[1]:] = h
-        cached = frozen_prefix.PrefixData(hidden, mask[:, -width:], labels[:, -width:])
+        def build() -> frozen_prefix.PrefixData:
+            device = device_of_model(model)
+            hidden = None
+            for lo in range(0, len(ids), batch_size):
+                chunk_ids, chunk_mask = _cut_leading(ids[lo:lo + batch_size], mask[lo:lo + batch_size],
+                                                     mask=mask[lo:lo + batch_size])
+                h = grab(chunk_ids.to(device), chunk_mask.to(device)).float().cpu()
+                if hidden is None:
+                    hidden = torch.zeros((len(ids), width, h.shape[-1]))
+                hidden[lo:lo + len(h), width - h.shape[1]:] = h
+            return frozen_prefix.PrefixData(hidden, mask[:, -width:], labels[:, -width:])
+
         head = slice(0, min(4, len(ids)))
         with torch.no_grad():
-            frozen_prefix.check_exact(self.per_example_loss(model, (ids[head], mask[head], labels[head])),
-                                      self.per_example_loss(model, cached[head]))
+            full = self.per_example_loss(model, (ids[head], mask[head], labels[head]))
+            key = frozen_prefix.fingerprint(model, start, top_mlp, width, str(next(model.parameters()).dtype),
+                                           _digest(ids, mask, labels))
+            cached = frozen_prefix.stored(_opt(model_cfg, "frozen_prefix_dir", None), key, build,
+                                          lambda c: frozen_prefix.agrees(full, self.per_example_loss(model, c[head])))
+            frozen_prefix.check_exact(full, self.per_example_loss(model, cached[head]))
         return cached
 
     def per_example_loss(self, model, batch) -> torch.Tensor:

@@ -18,14 +18,20 @@ every layer. The cache then holds, for the answer columns only, the residual str
 entering that MLP, and a step is ``lm_head(norm(h + mlp(post_attention_layernorm(h))))``
 on those few columns: the cost of a step no longer grows with the prompt.
 
-The cache holds activations of the client's own examples and stays in the client's
-process like its tokenized shard: it is never sent or written.
+The cache holds activations of the client's own examples and stays with the client like
+its tokenized shard: it is never sent. With ``model.frozen_prefix_dir`` set it is also
+kept in that folder of the client's own disk (:func:`stored`), so that every process of
+the client (simulation workers, later runs on the same data) computes it once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import re
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import TensorDataset
@@ -45,6 +51,42 @@ class PrefixData(TensorDataset):
     """``(hidden, attention_mask, labels)``: the input of the lowest adapted layer of every
     position, in place of the token ids; for a top-layer MLP, the input of that MLP's
     residual block in the last columns only, with the mask and labels of those columns."""
+
+
+def fingerprint(model: torch.nn.Module, *parts: object) -> str:
+    """A digest of the frozen weights and of ``parts`` (the data and the cache's shape):
+    what a cached prefix depends on. Adapter (LoRA) tensors are left out, they never
+    enter the prefix."""
+    h = hashlib.sha256(repr(parts).encode())
+    with torch.no_grad():
+        for name, p in _peft(model).named_parameters():
+            if "lora_" not in name:
+                h.update(name.encode())
+                h.update(repr(float(p.detach().double().sum())).encode())
+    return h.hexdigest()[:24]
+
+
+def stored(directory: str | os.PathLike | None, key: str, build: Callable[[], PrefixData],
+           check: Callable[[PrefixData], bool]) -> PrefixData:
+    """The prefix of ``key`` from ``directory`` when present and ``check`` accepts it, else
+    built and written there (atomically: concurrent workers of a client read whole files
+    only). Without a directory, built."""
+    if not directory:
+        return build()
+    file = Path(directory).expanduser() / f"{key}.pt"
+    if file.is_file():
+        try:
+            cached = PrefixData(*torch.load(file, weights_only=True))
+        except (OSError, RuntimeError, EOFError, TypeError):
+            cached = None
+        if cached is not None and check(cached):
+            return cached
+    data = build()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(list(data.tensors), tmp)
+    os.replace(tmp, file)
+    return data
 
 
 def _peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -177,10 +219,16 @@ def logits_from(model: torch.nn.Module, start: int, hidden: torch.Tensor, mask: 
                      logits_to_keep=keep, use_cache=False).logits
 
 
+def agrees(full: torch.Tensor, cached: torch.Tensor) -> bool:
+    """Whether losses from the cache equal the whole model's, to fp32 rounding."""
+    gap = float((full.float() - cached.float()).abs().max())
+    return gap <= TOLERANCE * max(1.0, float(full.float().abs().max()))
+
+
 def check_exact(full: torch.Tensor, cached: torch.Tensor) -> None:
     """Refuse an architecture whose decoder transforms its input before the first layer
     (e.g. Gemma's embedding scale): a forward from the cache would not be the model's."""
-    gap = float((full.float() - cached.float()).abs().max())
-    if not gap <= TOLERANCE * max(1.0, float(full.float().abs().max())):
+    if not agrees(full, cached):
+        gap = float((full.float() - cached.float()).abs().max())
         raise ConfigError("model.cache_frozen_prefix", f"a forward from the cached frozen layers differs from the "
                           f"whole model's by {gap:.3g} on this architecture; set model.cache_frozen_prefix=false")

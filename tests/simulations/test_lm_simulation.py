@@ -3,7 +3,7 @@ a short DP federation on a few dozen instruction examples writes a valid results
 an adapter that stock PEFT loads as the README shows, generations, and
 ``python -m fedlora.generate`` answers with the tuned model. The clients adapt the top
 two layers and train from the frozen-prefix cache, whose forward is checked against the
-whole real model when each client builds it."""
+whole real model when each client builds or reads it."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def lm_run(tmp_path_factory):
         "data.max_train_samples=40", "data.max_test_samples=6", "model.max_length=96",
         "train.batch_size=4", "train.local_steps=1", "train.eval_batch_size=6",
         "model.generation.examples=2", "model.generation.max_new_tokens=4",
-        "lora.layers_to_transform=[28,29]", "model.cache_frozen_prefix=true",
+        "lora.target_modules=[q_proj,v_proj]", "lora.layers_to_transform=[28,29]", "model.cache_frozen_prefix=true",
+        f"model.frozen_prefix_dir={out / 'prefix'}",
         f"hydra.run.dir={out}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -67,6 +68,8 @@ def test_results_hold_loss_perplexity_accuracy_and_a_recomputable_epsilon(lm_run
     per_layer = (8 * 576 + 576 * 8) + (8 * 576 + 192 * 8)
     raw = 2 * 2 * per_layer * 4
     assert 0 <= rounds[1]["bytes_up"] - raw < 2 * 8 * 256  # plus the headers of 8 serialized tensors each
+    # Each client kept its frozen prefix in the folder it was given: one file per shard.
+    assert len(list((lm_run / "prefix").glob("*.pt"))) == 2
 
 
 def test_the_readme_lines_load_the_adapter_with_stock_peft(lm_run):

@@ -143,8 +143,8 @@ def _wait(proc: subprocess.Popen, fed: Federation, name: str, timeout: float) ->
 
 
 # The causal-LM task on a tiny random Llama (SmolLM2's tokenizer): the deployment is task-agnostic.
-TINY_LM = ("experiment=lm model=tiny_llama data.max_train_samples=120 data.max_test_samples=8 train.batch_size=16 "
-           "tracking=none")
+TINY_LM = ("experiment=lm model=tiny_llama data=finefood_instruct model.frozen_prefix_dir=null "
+           "data.max_train_samples=120 data.max_test_samples=8 train.batch_size=16 tracking=none")
 
 
 def test_tls_node_auth_end_to_end(federation, tmp_path):

@@ -22,8 +22,9 @@ from fedlora.models.lora import build_lora_model, get_arrays, trainable_names
 from fedlora.tasks import get_task
 from fedlora.tasks.causal_lm import IGNORE, CausalLM, Rendered, fit, render, stop_ids
 
-LM = ["experiment=lm", "model=tiny_llama", "data.max_train_samples=64", "data.max_test_samples=8",
-      "federation.num_clients=2", "federation.rounds=1", "tracking=none"]
+LM = ["experiment=lm", "model=tiny_llama", "data=finefood_instruct", "model.frozen_prefix_dir=null",
+      "data.max_train_samples=64", "data.max_test_samples=8", "federation.num_clients=2", "federation.rounds=1",
+      "tracking=none"]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from fedlora.tasks import get_task
 from fedlora.tasks.frozen_prefix import PrefixData, check_exact, first_trained_layer, top_mlp_only
 
 TOP = ["experiment=lm", "model=tiny_llama", "model.random_init.num_hidden_layers=4", "model.cache_frozen_prefix=true",
+       "model.frozen_prefix_dir=null",
        "lora.layers_to_transform=[2,3]", "tracking=none"]
 
 
@@ -102,3 +103,26 @@ def test_a_forward_that_is_not_the_models_is_refused():
     check_exact(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-6]))
     with pytest.raises(ConfigError, match="model.cache_frozen_prefix"):
         check_exact(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+
+
+def test_a_prefix_kept_on_disk_is_reused_and_one_of_other_weights_is_rebuilt(tmp_path):
+    cfg, task, model, data = build(*CACHES[1], f"model.frozen_prefix_dir={tmp_path}")
+    first = task.training_data(model, data, cfg.model, 4)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    # Another process of the client reads the file: same tensors, nothing recomputed.
+    stamp = files[0].stat().st_mtime_ns
+    again = task.training_data(model, data, cfg.model, 4)
+    assert files[0].stat().st_mtime_ns == stamp
+    assert all(torch.equal(a, b) for a, b in zip(first.tensors, again.tensors))
+    # A file whose activations do not match the model (corrupted, or stale) is rebuilt.
+    hidden, mask, labels = torch.load(files[0], weights_only=True)
+    torch.save([hidden + 1.0, mask, labels], files[0])
+    rebuilt = task.training_data(model, data, cfg.model, 4)
+    assert torch.equal(rebuilt.tensors[0], first.tensors[0])
+    # Other frozen weights are another key: a second file, not the first one's features.
+    with torch.no_grad():
+        model.get_base_model().model.embed_tokens.weight.mul_(1.5)
+    other = task.training_data(model, data, cfg.model, 4)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    assert not torch.equal(other.tensors[0], first.tensors[0])
