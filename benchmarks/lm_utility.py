@@ -21,8 +21,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from _record import save
+
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "results"
 
 
 def run(overrides: list[str]) -> dict:
@@ -82,13 +83,7 @@ def main() -> None:
         lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {_f(kept, '.2f')} | {_f(r['perplexity'], '.2f')} | "
                      f"{_f(r['exact_match'], '.2f')} | {_f(r['epsilon'], '.3f')} | {r['mb_up']:.1f} / {r['mb_down']:.1f} "
                      f"| {r['wall_s']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    OUT.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/lm_utility.py " + " ".join(sys.argv[1:])
-    (OUT / "lm_utility.json").write_text(json.dumps(
-        {"command": command, "base_accuracy": base, "majority": majority, "rows": rows}, indent=2))
-    (OUT / "lm_utility.md").write_text(f"`{command}`\n\n{table}\n")
+    save("lm_utility", "\n".join(lines), {"base_accuracy": base, "majority": majority, "rows": rows})
 
 
 if __name__ == "__main__":

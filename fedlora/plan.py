@@ -25,6 +25,7 @@ from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.core.units import CLIENT, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
 from fedlora.data.sources import TaskData
+from fedlora.leakage.canaries import CanaryPlan, audit_settings, plan_canaries
 from fedlora.privacy import DPPlan, plan_sample_dp
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy.calibration import (
@@ -53,6 +54,7 @@ class ClientPlan:
     num_examples: int  # as the run uses and reports it (see weight_examples)
     dp: DPPlan | None
     malicious: bool
+    canaries: tuple[int, ...] = ()  # the audit's canaries included in its training data
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class ExperimentPlan:
     min_fit_results: int | None
     release: ReleasePolicy
     noise: NoiseSource
+    canaries: CanaryPlan | None = None
 
     @property
     def unit(self) -> str:
@@ -152,12 +155,17 @@ def build_plan(cfg: Any) -> ExperimentPlan:
     parts = _partitions(str(cfg.model.get("task") or "classification"), config_key(cfg.data),
                         config_key(cfg.partition), n, int(cfg.seed))
     malicious = tuple(malicious_clients(cfg.attack, n))
+    splits = [client_split(parts[pid], float(cfg.data.validation_fraction), seed_for(cfg.seed, pid))
+              for pid in range(n)]
+    count = audit_settings(cfg)[0]
+    canaries = plan_canaries(cfg, get_task(cfg.model).canaries(task, count, int(cfg.seed)) if count else None,
+                             [len(train) for train, _ in splits], int(cfg.seed))
     clients = []
-    for pid in range(n):
-        train_idx, val_idx = client_split(parts[pid], float(cfg.data.validation_fraction), seed_for(cfg.seed, pid))
-        weight = weight_examples(cfg, len(task.train), len(train_idx))
+    for pid, (train_idx, val_idx) in enumerate(splits):
+        held = canaries.of_client(pid) if canaries else ()
+        weight = weight_examples(cfg, len(task.train), len(train_idx) + len(held))
         clients.append(ClientPlan(client=pid, train_indices=train_idx, val_indices=val_idx, num_examples=weight,
-                                  dp=client_dp_plan(cfg, weight, pid), malicious=pid in malicious))
+                                  dp=client_dp_plan(cfg, weight, pid), malicious=pid in malicious, canaries=held))
     secagg = None
     if secure_enabled(cfg):
         secagg = secure_settings(cfg, max(c.num_examples for c in clients))
@@ -173,6 +181,7 @@ def build_plan(cfg: Any) -> ExperimentPlan:
         min_fit_results=min_fit_results(cfg),
         release=ReleasePolicy.from_config(cfg),
         noise=NoiseSource.from_config(cfg.privacy),
+        canaries=canaries,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import concatenate_datasets
 from flwr.app import Context
 from flwr.client import NumPyClient
 
@@ -57,7 +58,8 @@ class LoRAClient(NumPyClient):
         mine = plan.client(partition_id)
         # What the rows come from: the model bundle (and its shard cache) outlives one
         # experiment's data settings within a process.
-        self.data_key = (config_key(cfg.data), config_key(cfg.partition), plan.num_clients, data_path, int(cfg.seed))
+        self.data_key = (config_key(cfg.data), config_key(cfg.partition), plan.num_clients, data_path, int(cfg.seed),
+                         config_key(cfg.get("audit")))
         if data_path:
             # The node's own file replaces its shard of the configured dataset.
             rows = plan.task.load_node_data(data_path, cfg.data, self.task.label_names)
@@ -90,14 +92,19 @@ class LoRAClient(NumPyClient):
         key = (self.data_key, split, pid, flip)
         if split != "train":
             return cached_shard(bundle, key, lambda: self._tokenize(bundle, idx, flip))
+        canaries = self.plan.client(pid).canaries
         return cached_shard(bundle, key, lambda: self.plan.task.training_data(
-            bundle.model, self._tokenize(bundle, idx, flip), self.cfg.model, int(self.cfg.train.eval_batch_size)))
+            bundle.model, self._tokenize(bundle, idx, flip, canaries), self.cfg.model,
+            int(self.cfg.train.eval_batch_size)))
 
-    def _tokenize(self, bundle: ModelBundle, idx, flip: bool):
+    def _tokenize(self, bundle: ModelBundle, idx, flip: bool, canaries: tuple[int, ...] = ()):
         rows = self.task.train.select(idx)
         if flip:  # data poisoning: the malicious client trains on flipped labels
             flipped = self.attack.poison_labels(np.asarray(rows["label"]), self.task.num_labels)
             rows = rows.remove_columns("label").add_column("label", flipped.tolist())
+        if canaries:  # the privacy audit's canaries this client holds (fedlora.leakage.canaries)
+            extra = self.plan.canaries.rows.select(canaries).cast(rows.features)
+            rows = concatenate_datasets([rows, extra])
         return self.plan.task.encode(rows, bundle.tokenizer, self.cfg.model)
 
     def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, pid: int, server_round: int):

@@ -52,6 +52,13 @@ class Task(ABC):
         """Refuse data this model cannot learn from, before the federation starts
         (raise :class:`fedlora.core.errors.ConfigError` naming the setting)."""
 
+    def canaries(self, data: "TaskData", count: int, seed: int) -> Dataset:
+        """``count`` canary rows for the one-run privacy audit (``audit.canaries``), in this
+        task's row shape: examples only memorisation can fit (:mod:`fedlora.leakage.canaries`)."""
+        from fedlora.core.errors import ConfigError
+
+        raise ConfigError("audit.canaries", f"the {self.name} task has no canaries; set audit.canaries=0")
+
     # -- model -------------------------------------------------------------------------
     def device(self, model_cfg: Any) -> torch.device:
         """Where the model trains (the noise generator of DP-SGD follows it)."""
@@ -75,6 +82,11 @@ class Task(ABC):
         """A client's encoded training shard in the form its training steps read; a task may
         precompute there what no step changes (kept in the client's process only)."""
         return data
+
+    @abstractmethod
+    def per_example_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(batch,) each example's own loss: what training averages, and what membership
+        inference and the canary audit score."""
 
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -380,6 +380,11 @@ class CausalLM(Task):
             frozen_prefix.check_exact(full, self.per_example_loss(model, cached[head]))
         return cached
 
+    def canaries(self, data, count, seed):
+        from fedlora.leakage.canaries import secret_canaries
+
+        return secret_canaries(count, seed)
+
     def per_example_loss(self, model, batch) -> torch.Tensor:
         """(batch,) losses: one sequence = one example, the mean over its own response tokens."""
         input_ids, mask, labels = batch

@@ -83,6 +83,17 @@ class SequenceClassification(Task):
         labels = torch.as_tensor(list(rows["label"]), dtype=torch.long)
         return TensorDataset(enc["input_ids"], enc["attention_mask"], labels)
 
+    def canaries(self, data, count, seed):
+        from fedlora.leakage.canaries import word_canaries
+
+        return word_canaries(data.train["text"], data.num_labels, count, seed)
+
+    def per_example_loss(self, model, batch):
+        input_ids, mask, labels = batch
+        input_ids, mask = trim(input_ids, mask)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+        return torch.nn.functional.cross_entropy(logits, labels.to(logits.device), reduction="none")
+
     def loss(self, model, batch):
         input_ids, mask, labels = batch
         input_ids, mask = trim(input_ids, mask)

@@ -1,0 +1,66 @@
+"""Privacy leakage of the default classification task: membership inference and the
+one-run canary audit (``python -m fedlora.leakage``) for no DP, eps 8 and eps 1, beside
+the accountant's eps; plus ``experiment=memorise`` without DP (the tiny model, long local
+training) where leakage must show.
+
+Every run trains with ``audit.canaries`` canaries (default 200: 50 per client of the
+default experiment's 4) and is then analysed. Writes ``benchmarks/results/leakage.{json,md}``.
+
+    python benchmarks/leakage.py [--canaries 200] [--epsilons 8 1] [extra Hydra overrides...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _record import save
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def run(overrides: list[str]) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="leakage_"))
+    start = time.perf_counter()
+    for cmd in ([sys.executable, "-m", "simulations.run", "tracking=none", *overrides, f"hydra.run.dir={run_dir}"],
+                [sys.executable, "-m", "fedlora.leakage", str(run_dir)]):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    leak = json.loads((run_dir / "leakage.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    return {"overrides": overrides, "run_dir": str(run_dir), "wall_s": time.perf_counter() - start,
+            "test_accuracy": results["final"]["accuracy"], **leak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--canaries", type=int, default=200)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 1.0])
+    args, extra = parser.parse_known_args()
+    canaries = [f"audit.canaries={args.canaries}"]
+    rows = [{"setting": "no DP", **run(["privacy=none", *canaries, *extra])}]
+    for eps in args.epsilons:
+        rows.append({"setting": f"eps={eps:g}", **run([f"privacy.target_epsilon={eps}", *canaries, *extra])})
+    rows.append({"setting": "no DP, memorising (experiment=memorise)", **run(["experiment=memorise", "privacy=none"])})
+    lines = ["| setting | test accuracy | MIA AUC (loss / calibrated) | TPR @ 1% FPR (loss / calibrated) | "
+             "canary eps lower bound (95%) | canaries (right / guesses) | accountant eps | unit | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, a, acc = r["membership_inference"], r["canary_audit"], r["accountant"]
+        eps = "–" if acc["epsilon"] is None else f"{acc['epsilon']:.3f}"
+        lines.append(
+            f"| {r['setting']} | {r['test_accuracy']:.3f} | {m['loss_threshold']['auc']:.3f} / "
+            f"{m['reference_calibrated']['auc']:.3f} | {m['loss_threshold']['tpr_at_0.01_fpr']:.3f} / "
+            f"{m['reference_calibrated']['tpr_at_0.01_fpr']:.3f} | {a['epsilon_lower_bound']:.3f} (max "
+            f"{a['max_certifiable']:.2f}) | {a['canaries']} ({a['correct']} / {a['guesses']}) | {eps} | "
+            f"{acc['privacy_unit']} | {r['wall_s']:.0f} |")
+    save("leakage", "\n".join(lines), {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
