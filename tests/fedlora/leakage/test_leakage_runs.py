@@ -84,3 +84,23 @@ def test_bad_input_names_what_to_change(tmp_path, no_dp):
     out, leak = leakage(plain, "--examples", "20")
     assert leak["canary_audit"] is None and "audit.canaries=m" in out
     assert leak["membership_inference"]["loss_threshold"]["members"] == 20
+
+
+def test_causal_lm_canaries_are_secrets_with_their_exposure(tmp_path):
+    """The causal-LM task on a tiny random Llama: the canaries are secrets the clients
+    train on, and the analysis ranks each among other secrets (exposure in bits)."""
+    cmd = [sys.executable, "-m", "simulations.run", "experiment=lm", "model=tiny_llama", "data=finefood_instruct",
+           "model.frozen_prefix_dir=null", "data.max_train_samples=80", "data.max_test_samples=8",
+           "federation.num_clients=2", "federation.rounds=1", "federation.client_resources.num_cpus=2",
+           "privacy=none", "train.local_steps=5", "train.batch_size=8", "model.generation.examples=0",
+           "audit.canaries=6", "audit.max_fraction=0.2", "tracking=none", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, leak = leakage(tmp_path, "--examples", "8", "--exposure-candidates", "7")
+    audit = leak["canary_audit"]
+    assert audit["canaries"] == 6 and audit["guesses"] >= 2
+    exposure = audit["exposure"]
+    assert exposure["candidates"] == 7 and exposure["max_bits"] == 3.0
+    for key in ("mean_included", "mean_excluded"):
+        assert exposure[key] is None or 0.0 <= exposure[key] <= 3.0
+    assert "secret-sharer exposure" in out
