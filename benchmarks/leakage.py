@@ -7,6 +7,7 @@ Every run trains with ``audit.canaries`` canaries (default 200: 50 per client of
 default experiment's 4) and is then analysed. Writes ``benchmarks/results/leakage.{json,md}``.
 
     python benchmarks/leakage.py [--canaries 200] [--epsilons 8 1] [extra Hydra overrides...]
+    python benchmarks/leakage.py --name leakage_lm --no-memorise --canaries 40 experiment=lm
 """
 
 from __future__ import annotations
@@ -41,15 +42,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--canaries", type=int, default=200)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 1.0])
+    parser.add_argument("--name", default="leakage", help="results file name (e.g. leakage_lm)")
+    parser.add_argument("--no-memorise", action="store_true", help="skip the experiment=memorise row")
     args, extra = parser.parse_known_args()
     canaries = [f"audit.canaries={args.canaries}"]
     rows = [{"setting": "no DP", **run(["privacy=none", *canaries, *extra])}]
     for eps in args.epsilons:
         rows.append({"setting": f"eps={eps:g}", **run([f"privacy.target_epsilon={eps}", *canaries, *extra])})
-    rows.append({"setting": "no DP, memorising (experiment=memorise)", **run(["experiment=memorise", "privacy=none"])})
+    if not args.no_memorise:
+        rows.append({"setting": "no DP, memorising (experiment=memorise)",
+                     **run(["experiment=memorise", "privacy=none"])})
+    exposure = any("exposure" in r["canary_audit"] for r in rows)
     lines = ["| setting | test accuracy | MIA AUC (loss / calibrated) | TPR @ 1% FPR (loss / calibrated) | "
-             "canary eps lower bound (95%) | canaries (right / guesses) | accountant eps | unit | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "canary eps lower bound (95%) | canaries (right / guesses) | "
+             + ("exposure bits, included / excluded | " if exposure else "")
+             + "accountant eps | unit | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if exposure else "")]
     for r in rows:
         m, a, acc = r["membership_inference"], r["canary_audit"], r["accountant"]
         eps = "–" if acc["epsilon"] is None else f"{acc['epsilon']:.3f}"
@@ -57,9 +65,10 @@ def main() -> None:
             f"| {r['setting']} | {r['test_accuracy']:.3f} | {m['loss_threshold']['auc']:.3f} / "
             f"{m['reference_calibrated']['auc']:.3f} | {m['loss_threshold']['tpr_at_0.01_fpr']:.3f} / "
             f"{m['reference_calibrated']['tpr_at_0.01_fpr']:.3f} | {a['epsilon_lower_bound']:.3f} (max "
-            f"{a['max_certifiable']:.2f}) | {a['canaries']} ({a['correct']} / {a['guesses']}) | {eps} | "
-            f"{acc['privacy_unit']} | {r['wall_s']:.0f} |")
-    save("leakage", "\n".join(lines), {"rows": rows})
+            f"{a['max_certifiable']:.2f}) | {a['canaries']} ({a['correct']} / {a['guesses']}) | "
+            + (f"{a['exposure']['mean_included']:.2f} / {a['exposure']['mean_excluded']:.2f} | " if exposure else "")
+            + f"{eps} | {acc['privacy_unit']} | {r['wall_s']:.0f} |")
+    save(args.name, "\n".join(lines), {"rows": rows})
 
 
 if __name__ == "__main__":
