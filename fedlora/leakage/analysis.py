@@ -28,16 +28,22 @@ TABLE = "leakage.md"
 
 
 @torch.no_grad()
-def losses(task: Any, model: torch.nn.Module, data: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def losses(task: Any, model: torch.nn.Module, data: Any, batch_size: int,
+           reference: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(final, reference) per-example losses over ``data``: with the run's adapter and
-    with it switched off."""
+    with it switched off (None without ``reference``)."""
     model.eval()
     final, ref = [], []
     for batch in DataLoader(data, batch_size=batch_size):
         final.append(task.per_example_loss(model, batch).float().cpu())
-        with model.disable_adapter():
-            ref.append(task.per_example_loss(model, batch).float().cpu())
-    return torch.cat(final).numpy().astype(float), torch.cat(ref).numpy().astype(float)
+        if reference:
+            with model.disable_adapter():
+                ref.append(task.per_example_loss(model, batch).float().cpu())
+    return _cat(final), _cat(ref) if reference else None
+
+
+def _cat(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).numpy().astype(float)
 
 
 @dataclass
@@ -123,7 +129,7 @@ def analyse(run_dir: Path | str, examples: int = 500, batch_size: int = 32, expo
             exp = []
             for i in range(canaries.count):
                 alt = secret_alternatives(canaries.rows[i], exposure_candidates, int(cfg.seed) + i)
-                alt_loss, _ = losses(task, model, encode(alt), batch_size)
+                alt_loss, _ = losses(task, model, encode(alt), batch_size, reference=False)
                 exp.append(exposure(float(f_c[i]), alt_loss))
             exp = np.asarray(exp)
             audit["exposure"] = {
