@@ -25,7 +25,6 @@ and a few generations for a person to read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -53,14 +52,6 @@ IGNORE = -100
 # Stanford Alpaca's prompt, for tokenizers without a chat template.
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def _opt(model_cfg: Any, key: str, default: Any) -> Any:
@@ -373,8 +364,8 @@ class CausalLM(Task):
         head = slice(0, min(4, len(ids)))
         with torch.no_grad():
             full = self.per_example_loss(model, (ids[head], mask[head], labels[head]))
-            key = frozen_prefix.fingerprint(model, start, top_mlp, width, str(next(model.parameters()).dtype),
-                                           _digest(ids, mask, labels))
+            key = frozen_prefix.fingerprint(model, (ids, mask, labels), start, top_mlp, width,
+                                           str(next(model.parameters()).dtype))
             cached = frozen_prefix.stored(_opt(model_cfg, "frozen_prefix_dir", None), key, build,
                                           lambda c: frozen_prefix.agrees(full, self.per_example_loss(model, c[head])))
             frozen_prefix.check_exact(full, self.per_example_loss(model, cached[head]))

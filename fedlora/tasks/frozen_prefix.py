@@ -53,11 +53,14 @@ class PrefixData(TensorDataset):
     residual block in the last columns only, with the mask and labels of those columns."""
 
 
-def fingerprint(model: torch.nn.Module, *parts: object) -> str:
-    """A digest of the frozen weights and of ``parts`` (the data and the cache's shape):
-    what a cached prefix depends on. Adapter (LoRA) tensors are left out, they never
-    enter the prefix."""
+def fingerprint(model: torch.nn.Module, data: tuple[torch.Tensor, ...], *parts: object) -> str:
+    """A digest of the frozen weights, of the shard's tensors ``data`` and of ``parts``
+    (the cache's shape): what a cached prefix depends on. Adapter (LoRA) tensors are
+    left out, they never enter the prefix."""
     h = hashlib.sha256(repr(parts).encode())
+    for t in data:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
     with torch.no_grad():
         for name, p in _peft(model).named_parameters():
             if "lora_" not in name:
