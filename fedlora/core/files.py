@@ -15,7 +15,8 @@ def write_atomic(path: Path, data: bytes, private: bool = False) -> Path:
     """Replace ``path`` with ``data`` (fsync'd); ``private`` makes it owner-only (keys)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # One temporary file per process: concurrent writers of the same path never share one.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()

@@ -95,10 +95,8 @@ class SequenceClassification(Task):
         return torch.nn.functional.cross_entropy(logits, labels.to(logits.device), reduction="none")
 
     def loss(self, model, batch):
-        input_ids, mask, labels = batch
-        input_ids, mask = trim(input_ids, mask)
-        # One label per example: the batch-mean cross-entropy is the mean of per-example losses.
-        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        # One label per example: the batch mean of per-example losses (what Opacus assumes).
+        return self.per_example_loss(model, batch).mean()
 
     @torch.no_grad()
     def evaluate(self, model, data, batch_size, precision="fp32"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedlora.core.errors import ConfigError
+from fedlora.core.files import write_atomic
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 # fp32 reorders no sum between the two paths: the residual stream agrees to rounding.
@@ -85,10 +87,9 @@ def stored(directory: str | os.PathLike | None, key: str, build: Callable[[], Pr
         if cached is not None and check(cached):
             return cached
     data = build()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(list(data.tensors), tmp)
-    os.replace(tmp, file)
+    buffer = io.BytesIO()
+    torch.save(list(data.tensors), buffer)
+    write_atomic(file, buffer.getvalue())
     return data
 
 
