@@ -34,6 +34,7 @@ from fedlora.privacy.calibration import (
     clients_per_round,
     declared_examples,
 )
+from fedlora.privacy.evaluation import planned_evaluations
 from fedlora.privacy.randomness import NoiseSource
 from fedlora.privacy.release import ReleasePolicy
 from fedlora.tasks import Task, get_task
@@ -128,7 +129,8 @@ def client_dp_plan(cfg: Any, num_examples: int, client: int) -> DPPlan | None:
     if unit_of(cfg) != SAMPLE:
         return None
     eps = client_epsilon(cfg.privacy, client, int(cfg.federation.num_clients))
-    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds), eps)
+    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds), eps,
+                          evaluations=planned_evaluations(cfg))
 
 
 @functools.lru_cache(maxsize=4)

@@ -90,6 +90,15 @@ class Run:
         return spent[-1] if spent else None
 
     @property
+    def evaluation(self) -> str:
+        """``privacy.evaluation`` of the run: what clients released about their validation
+        data (plain under DP: not covered by its epsilon)."""
+        mode = (self.final.get("evaluation") or {}).get("mode") or (self.config.get("privacy") or {}).get("evaluation")
+        if mode is None:
+            return "–"
+        return f"{mode} (not covered)" if mode == "plain" and self.unit != NONE else str(mode)
+
+    @property
     def delta(self) -> float | None:
         if self.unit == NONE:
             return None
@@ -236,7 +245,7 @@ def runs_table(runs: list[Run]) -> str:
     lm = any(r.perplexity is not None for r in runs)
     header = ["run", "overrides", "test accuracy"] + (["gap to no DP (points)"] if gap else []) + (
         ["test perplexity"] if lm else []) + [
-        "epsilon", "delta", "privacy unit", "rounds", "MB up", "MB down", "wall time (s)"]
+        "epsilon", "delta", "privacy unit", "client evaluation", "rounds", "MB up", "MB down", "wall time (s)"]
     rows = []
     for run in runs:
         row = [run.name, f"`{run.label}`", _fmt(run.accuracy, ".3f")]
@@ -244,7 +253,8 @@ def runs_table(runs: list[Run]) -> str:
             row.append("–" if run.accuracy is None else f"{100 * (run.accuracy - baseline[0].accuracy):+.1f}")
         if lm:
             row.append(_fmt(run.perplexity, ".3f"))
-        row += [epsilon_text(run), _fmt(run.delta, "g"), UNIT_TEXT.get(run.unit, run.unit), _rounds_text(run),
+        row += [epsilon_text(run), _fmt(run.delta, "g"), UNIT_TEXT.get(run.unit, run.unit), run.evaluation,
+                _rounds_text(run),
                 _fmt(run.traffic_mb("bytes_up"), ".2f"), _fmt(run.traffic_mb("bytes_down"), ".2f"),
                 _fmt(run.final.get("wall_s"), ".0f")]
         rows.append(row)

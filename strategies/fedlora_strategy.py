@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from flwr.server.strategy import Strategy
 
 from fedlora.client.state import EXPERIMENT_KEY
 from fedlora.core.arrays import unflatten
+from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
 from strategies.sampling import attach_histories, how_many, uniform_sample
@@ -119,6 +121,7 @@ class FedLoRAStrategy(Strategy):
         on_round_start: Callable[[int, "FedLoRAStrategy"], None] | None = None,
         on_round_end: Callable[[int, "FedLoRAStrategy"], None] | None = None,
         min_fit_results: int | None = None,
+        evaluation: str = PLAIN,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -141,6 +144,7 @@ class FedLoRAStrategy(Strategy):
         self.min_evaluate_clients = int(min_evaluate_clients)
         self.min_available_clients = int(min_available_clients)
         self.evaluate_fn = evaluate_fn
+        self.evaluation = str(evaluation)
         self.recorder = recorder
         self.on_round_start = on_round_start
         self.on_round_end = on_round_end
@@ -255,7 +259,9 @@ class FedLoRAStrategy(Strategy):
             return []
         n = how_many(self.fraction_evaluate, self.min_evaluate_clients, client_manager.num_available())
         clients = client_manager.sample(num_clients=n, min_num_clients=self.min_available_clients)
-        ins = EvaluateIns(ndarrays_to_parameters(self.global_arrays), {"server_round": server_round})
+        # The experiment names the spend record a dp evaluation appends to.
+        ins = EvaluateIns(ndarrays_to_parameters(self.global_arrays),
+                          {"server_round": server_round, EXPERIMENT_KEY: self.experiment_id})
         return [(c, ins) for c in clients]
 
     # -- aggregation ---------------------------------------------------------------
@@ -396,6 +402,8 @@ class FedLoRAStrategy(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         server_round += self.round_offset
+        if self.evaluation == DP:
+            return self._aggregate_noisy_counts(server_round, [r for _, r in results])
         valid = [r for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
         total = sum(r.num_examples for r in valid)
         if total == 0:
@@ -406,6 +414,17 @@ class FedLoRAStrategy(Strategy):
             self.recorder.on_federated_evaluate(server_round, loss, acc, len(valid))
         return loss, {"accuracy": acc}
 
+    def _aggregate_noisy_counts(self, server_round: int, results: list[EvaluateRes]):
+        """``privacy.evaluation=dp``: the accuracy from the clients' noisy counts (their sum
+        ratio, post-processing); every release's spend joins the ledger."""
+        released = [r.metrics for r in results if NOISY_CORRECT in r.metrics and NOISY_EXAMPLES in r.metrics]
+        acc = federated_accuracy((float(m[NOISY_CORRECT]), float(m[NOISY_EXAMPLES])) for m in released)
+        if self.recorder is not None:
+            clients = [{"cid": str(m.get("partition_id")), "privacy_unit": m.get("privacy_unit"),
+                        "delta": m.get("delta"), "dp_history": json.loads(str(m["dp_history"]))}
+                       for m in released if m.get("dp_history")]
+            self.recorder.on_federated_evaluate(server_round, None, acc, len(released), mode=DP, clients=clients)
+        return None, ({} if acc is None else {"accuracy": acc})
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         server_round += self.round_offset
         if self.evaluate_fn is None:

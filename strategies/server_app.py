@@ -25,6 +25,7 @@ from fedlora.core.errors import ConfigError
 from fedlora.core.units import NONE, SAMPLE
 from fedlora.models.lora import get_arrays, set_arrays
 from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params
+from fedlora.privacy.evaluation import DP
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.release import hide_participation_in_logs
 from fedlora.record.audit import AuditTrail
@@ -79,12 +80,21 @@ def _recorder(plan: ExperimentPlan, run_dir: Path, echo, ckpt: Checkpoint | None
 
 
 def _fraction_evaluate(plan: ExperimentPlan, echo) -> float:
+    """The fraction of clients asked to evaluate, with a line on what that releases
+    (``privacy.evaluation``): under DP, ``plain`` is not covered by the run's epsilon."""
     fraction = float(plan.cfg.federation.fraction_evaluate)
-    if fraction > 0 and not plan.release.client_evaluation:
-        echo("federated evaluation on the clients' validation data is off under DP: its loss and accuracy "
-             "are statistics of private data that no mechanism noises; the server's test split is evaluated "
-             "every round")
+    release = plan.release
+    if fraction > 0 and not release.client_evaluation:
+        echo("federated evaluation is off (privacy.evaluation=off): clients release nothing about their "
+             "validation data; the server's test split is evaluated every round")
         return 0.0
+    if fraction > 0 and not release.evaluation_covered:
+        echo("WARNING: privacy.evaluation=plain: clients send their validation loss and accuracy in the clear; "
+             "these client metrics are NOT covered by the run's differential-privacy guarantee. Use "
+             "privacy.evaluation=dp (noisy counts, in the ledger) or off")
+    elif fraction > 0 and release.evaluation == DP:
+        echo("federated evaluation: privacy.evaluation=dp, clients release Gaussian-noised correct and example "
+             "counts, composed into their epsilon (privacy.evaluation_epsilon_fraction of each budget is reserved)")
     return fraction
 
 
@@ -129,6 +139,7 @@ def run_server(
         on_round_start=lambda server_round, strat: _save(run_dir, strat, recorder, strat.completed_round),
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
         min_fit_results=plan.min_fit_results,
+        evaluation=plan.release.evaluation,
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)

@@ -37,7 +37,8 @@ from fedlora.data import TaskData, client_split
 from fedlora.models.lora import get_arrays, set_arrays
 from fedlora.plan import ExperimentPlan, config_key, weight_examples
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
-from fedlora.privacy.randomness import NOISE, SAMPLING
+from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, noisy_counts
+from fedlora.privacy.randomness import EVALUATION_NOISE, NOISE, SAMPLING
 from fedlora.reply import FitReply
 from fedlora.tasks.runtime import ModelBundle, cached_shard, get_bundle
 
@@ -229,7 +230,8 @@ class LoRAClient(NumPyClient):
         reply.sample_rate, reply.noise_multiplier, reply.max_grad_norm = (
             plan.sample_rate, plan.noise_multiplier, plan.max_grad_norm)
         reply.budget_epsilon = plan.target_epsilon
-        reply.total_steps = int(sum(h[2] for h in history))
+        # DP-SGD steps only: a noisy evaluation's entry is its own release, not a step.
+        reply.total_steps = int(sum(h[2] for h in history if tuple(h[:3]) != plan.evaluation_entry))
         reply.dp_history = list(history)
 
     def _prepare_secure(self, delta):
@@ -239,18 +241,58 @@ class LoRAClient(NumPyClient):
         return prepare_update(delta, self.plan.secagg)
 
     def evaluate(self, parameters, config):
-        if not self.plan.release.client_evaluation:
-            # Loss and accuracy on this client's validation data are statistics of private
-            # data that no mechanism noises: not released under DP (the server does not ask).
+        release = self.plan.release
+        if not release.client_evaluation:
+            # privacy.evaluation=off: nothing about this client's validation data leaves it.
             return 0.0, 0, {"partition_id": self.partition_id}
+        if release.evaluation == DP:
+            return self._evaluate_dp(parameters, config)
+        metrics, n = self._validation_metrics(parameters)
+        if n == 0:
+            return 0.0, 0, {"partition_id": self.partition_id}
+        return metrics.pop("loss"), n, {**metrics, "partition_id": self.partition_id}
+
+    def _validation_metrics(self, parameters) -> tuple[dict[str, Any], int]:
         bundle = self._bundle()
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "val")
         if len(data) == 0:
-            return 0.0, 0, {"partition_id": self.partition_id}
-        metrics = self.plan.task.evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size),
-                                          str(self.cfg.train.precision))
-        return metrics.pop("loss"), len(data), {**metrics, "partition_id": self.partition_id}
+            return {}, 0
+        return self.plan.task.evaluate(bundle.model, data, int(self.cfg.train.eval_batch_size),
+                                       str(self.cfg.train.precision)), len(data)
+
+    def _evaluate_dp(self, parameters, config):
+        """``privacy.evaluation=dp``: release the correct and example counts of this
+        client's validation data through the Gaussian mechanism
+        (:mod:`fedlora.privacy.evaluation`), its spend appended to the client's own record
+        before the reply leaves, never past its budget. The loss is not released."""
+        server_round = int(config.get("server_round", 0))
+        plan, release = self.dp, self.plan.release
+        reply = {"partition_id": self.partition_id, "privacy_unit": self.plan.unit}
+        if plan.evaluation_entry is None:
+            # federation.fraction_evaluate=0: the plan reserved no budget for evaluations.
+            return 0.0, 0, release.evaluation_reply({**reply, "declined": True, "reason": "no evaluation planned"})
+        log = self.spend_log(config)
+        history = log.history()
+        entry = (*plan.evaluation_entry, server_round)
+        after = epsilon_from_history([h[:3] for h in history + [entry]], plan.delta, plan.accountant)
+        if after > plan.target_epsilon:
+            return 0.0, 0, release.evaluation_reply(
+                {**reply, "declined": True, "reason": "privacy budget: another release would exceed it"})
+        metrics, n = self._validation_metrics(parameters)
+        if n == 0 or "accuracy" not in metrics:
+            reason = "no validation rows" if n == 0 else "the task reports no accuracy to count"
+            return 0.0, 0, release.evaluation_reply({**reply, "declined": True, "reason": reason})
+        correct = int(round(float(metrics["accuracy"]) * n))
+        rng = self.plan.noise.numpy_generator(self.partition_id, server_round, EVALUATION_NOISE)
+        noisy_correct, noisy_examples = noisy_counts(correct, n, plan.evaluation_noise_multiplier, rng)
+        log.append([entry])  # fsync'd before the release leaves
+        history = history + [entry]
+        reply.update({NOISY_CORRECT: noisy_correct, NOISY_EXAMPLES: noisy_examples, "epsilon": after,
+                      "delta": plan.delta, "accountant": plan.accountant,
+                      "dp_history": json.dumps([list(h) for h in history])})
+        # num_examples is 1: the real count is what the noise protects.
+        return 0.0, 1, release.evaluation_reply(reply)
 
 
 def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 from opacus.accountants import IAccountant, create_accountant
 
 Entry = tuple[float, float, int]
@@ -27,4 +28,7 @@ def epsilon_from_history(history: Iterable[Entry], delta: float, accountant: str
     entries = [e for e in history if int(e[2]) > 0]
     if not entries:
         return 0.0
-    return float(make_accountant(accountant, entries).get_epsilon(delta=delta))
+    # PRV takes log(1 - q) for every entry; at q = 1 (a Gaussian release without sampling,
+    # e.g. a noisy evaluation) that branch is computed and then discarded by np.where.
+    with np.errstate(divide="ignore"):
+        return float(make_accountant(accountant, entries).get_epsilon(delta=delta))

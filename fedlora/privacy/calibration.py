@@ -12,11 +12,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedlora.core.errors import ConfigError
 from fedlora.core.units import CLIENT, unit_of
 from fedlora.privacy.accounting import epsilon_from_history
+from fedlora.privacy.evaluation import epsilon_fraction
 
 
 @dataclass(frozen=True)
@@ -34,15 +36,33 @@ class DPPlan:
     target_epsilon: float
     delta: float
     accountant: str
+    # privacy.evaluation=dp: the noise multiplier of each noisy-count release and how many
+    # releases the plan reserves budget for (fedlora.privacy.evaluation).
+    evaluation_noise_multiplier: float | None = None
+    planned_evaluations: int = 0
 
     @property
     def planned_steps(self) -> int:
         return self.steps_per_round * self.planned_rounds
 
     @property
-    def planned_epsilon(self) -> float:
+    def evaluation_entry(self) -> tuple[float, float, int] | None:
+        """One evaluation release as a ledger entry: the Gaussian mechanism, q = 1, one step."""
+        if self.evaluation_noise_multiplier is None:
+            return None
+        return (self.evaluation_noise_multiplier, 1.0, 1)
+
+    @property
+    def planned_history(self) -> list[tuple[float, float, int]]:
+        """Every release the plan allows: all DP-SGD steps and all evaluations."""
         history = [(self.noise_multiplier, self.sample_rate, self.planned_steps)]
-        return epsilon_from_history(history, self.delta, self.accountant)
+        if self.evaluation_entry is not None and self.planned_evaluations:
+            history.append((self.evaluation_noise_multiplier, 1.0, self.planned_evaluations))
+        return history
+
+    @property
+    def planned_epsilon(self) -> float:
+        return epsilon_from_history(self.planned_history, self.delta, self.accountant)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +118,12 @@ def check_budget(target_epsilon: float, delta: float) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    # PRV's log(1 - q) at q = 1 is computed and discarded (see accounting.epsilon_from_history).
+    with np.errstate(divide="ignore"):
+        return _opacus_noise_multiplier(eps, delta, q, steps, accountant)
+
+
+def _opacus_noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
     return float(
         get_noise_multiplier(
             target_epsilon=eps,
@@ -118,12 +144,47 @@ def _calibrated_sigma(eps: float, delta: float, q: float, steps: int, accountant
         return math.inf
 
 
+# Far above any useful evaluation noise: the search's upper end.
+MAX_EVALUATION_SIGMA = 1e4
+
+
+@functools.lru_cache(maxsize=1024)
+def _composed_sigma(eps: float, delta: float, q: float, steps: int, fixed: tuple, accountant: str,
+                    cap: float) -> float:
+    """The smallest noise multiplier (to 0.5%) for ``steps`` at rate ``q`` such that they,
+    composed with the ``fixed`` entries, meet (eps, delta); inf if none up to ``cap`` can.
+    Epsilon falls as sigma grows: bracket by doubling, then bisect (Opacus's search does
+    the same for a single entry)."""
+    def meets(sigma: float) -> bool:
+        return epsilon_from_history([(sigma, q, steps), *fixed], delta, accountant) <= eps
+
+    low, high = 0.0, 1.0
+    while not meets(high):
+        if high >= cap:
+            return math.inf
+        low, high = high, min(2 * high, cap)
+    while high - low > 0.005 * high:
+        mid = (low + high) / 2
+        if meets(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 def plan_sample_dp(
-    num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: int, target_epsilon: float | None = None
+    num_examples: int, train_cfg: Any, privacy_cfg: Any, rounds: int, target_epsilon: float | None = None,
+    evaluations: int = 0,
 ) -> DPPlan:
     """Sample-level DP-SGD plan for a client holding ``num_examples`` training rows.
 
     ``target_epsilon`` is the client's own budget (default ``privacy.target_epsilon``).
+    ``evaluations``: noisy evaluation releases to reserve budget for
+    (:mod:`fedlora.privacy.evaluation`): DP-SGD alone is calibrated to
+    ``1 - privacy.evaluation_epsilon_fraction`` of the budget, and the evaluations get the
+    least noise that keeps both together within it. Composition charges a release less
+    beside training than alone (RDP and PRV share the log(1/delta) term), so this leaves
+    evaluation far less noisy than giving it a budget of its own.
     """
     eps = float(privacy_cfg.target_epsilon if target_epsilon is None else target_epsilon)
     delta = float(privacy_cfg.delta)
@@ -146,14 +207,22 @@ def plan_sample_dp(
         raise ConfigError("train.local_steps", "a round needs at least one local or probe step")
     total = steps * rounds
     cap = float(privacy_cfg.max_noise_multiplier)
-    sigma = _calibrated_sigma(eps, delta, sample_rate, total, str(privacy_cfg.accountant))
+    accountant = str(privacy_cfg.accountant)
+    share = epsilon_fraction(privacy_cfg) if evaluations else 0.0
+    sigma = _calibrated_sigma(eps * (1 - share), delta, sample_rate, total, accountant)
+    eval_sigma = None
+    if evaluations and sigma <= cap:
+        eval_sigma = _composed_sigma(eps, delta, 1.0, int(evaluations), ((sigma, sample_rate, total),), accountant,
+                                     MAX_EVALUATION_SIGMA)
     if sigma > cap:
         raise ConfigError(
             "privacy.target_epsilon",
             f"epsilon={eps} at delta={delta} over {total} steps ({rounds} rounds x {steps} "
             f"local steps incl. {probe} probe steps, sample rate {sample_rate:.4f}, {num_examples} examples) needs a "
-            f"noise multiplier of {sigma:.2f}, above privacy.max_noise_multiplier={cap}; "
-            "raise the target epsilon, plan fewer rounds or local steps, or raise the cap",
+            f"noise multiplier of {sigma:.2f}, above privacy.max_noise_multiplier={cap}"
+            + (f" (training gets {1 - share:g} of the budget, privacy.evaluation_epsilon_fraction={share:g} goes "
+               "to the noisy evaluations)" if evaluations else "")
+            + "; raise the target epsilon, plan fewer rounds or local steps, or raise the cap",
         )
     return DPPlan(
         sample_rate=sample_rate,
@@ -165,7 +234,9 @@ def plan_sample_dp(
         max_grad_norm=float(privacy_cfg.max_grad_norm),
         target_epsilon=eps,
         delta=delta,
-        accountant=str(privacy_cfg.accountant),
+        accountant=accountant,
+        evaluation_noise_multiplier=eval_sigma,
+        planned_evaluations=int(evaluations),
     )
 
 

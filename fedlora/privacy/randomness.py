@@ -38,6 +38,8 @@ import torch
 NOISE, SAMPLING = 1, 2
 # Streams of the server's client-level mechanism, per round.
 SERVER_SAMPLING, SERVER_NOISE = 3, 4
+# A client's noisy-count evaluation release, per round.
+EVALUATION_NOISE = 5
 
 
 def _derived_seed(parts: tuple[int, ...]) -> int:

@@ -20,7 +20,8 @@ Two facts matter most:
   console, results.json, the audit log, the plots and W&B get none of them.
 - **Nothing computed in the clear on private data leaves a client under DP**: no
   training loss, no norm of a raw update, no quantization error of a masked one, no
-  evaluation on its validation data. Under sample-level DP the norm of the released
+  evaluation on its validation data unless ``privacy.evaluation`` says so (``dp``: noisy
+  counts in the ledger; ``plain``: in the clear, with a warning). Under sample-level DP the norm of the released
   (already noised) update is post-processing and may travel; under SecAgg+ nothing
   about a single update does, since SecAgg+ exists to hide it.
 """
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.core.units import CLIENT, NONE, SAMPLE
+from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, OFF, PLAIN, evaluation_mode
 
 # Every reply: who it is, its mode and the planned work (public facts), its training-set
 # size as the FedAvg weight (declared under sample-level DP, 1 under client-level DP),
@@ -55,6 +57,11 @@ REPLY_KEYS: dict[tuple[str, bool], frozenset[str]] = {
     (CLIENT, True): BASE_REPLY,
 }
 
+# An evaluation reply under privacy.evaluation=dp: the noisy counts (the mechanism's
+# output), the client's spend record with them, or a decline and its reason.
+DP_EVALUATION_REPLY = frozenset({"partition_id", "privacy_unit", NOISY_CORRECT, NOISY_EXAMPLES, "epsilon", "delta",
+                                 "accountant", "dp_history", "declined", "reason"})
+
 # Round-record keys that name or count the participants, or describe single updates.
 # Timings too: a round takes longer the more clients were drawn.
 PARTICIPATION_KEYS = ("clients", "sampled", "failures", "num_accepted", "num_rejected", "bytes_up", "bytes_down",
@@ -76,11 +83,12 @@ class ReleasePolicy:
 
     unit: str = "none"
     secure: bool = False
+    evaluation: str = PLAIN  # privacy.evaluation (fedlora.privacy.evaluation)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ReleasePolicy":
         secure = str((cfg.get("secure") or {}).get("name", "none")) == "secaggplus"
-        return cls(unit=str(cfg.privacy.unit), secure=secure)
+        return cls(unit=str(cfg.privacy.unit), secure=secure, evaluation=evaluation_mode(cfg))
 
     def reply_keys(self) -> frozenset[str]:
         return REPLY_KEYS[(self.unit, self.secure)] | OPTIONAL_REPLY
@@ -92,9 +100,23 @@ class ReleasePolicy:
 
     @property
     def client_evaluation(self) -> bool:
-        """Federated evaluation on clients' validation data: its loss and accuracy are
-        statistics of private data that no mechanism noises, so only without DP."""
-        return self.unit == NONE
+        """Whether clients evaluate on their validation data at all (``privacy.evaluation``
+        is not ``off``)."""
+        return self.evaluation != OFF
+
+    @property
+    def evaluation_covered(self) -> bool:
+        """Whether what clients release about their validation data is covered by the
+        run's guarantee: noisy counts, or nothing, under DP; without DP nothing is."""
+        return self.unit == NONE or self.evaluation != PLAIN
+
+    def evaluation_reply(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """``metrics`` of an evaluation reply cut to what this mode lets a client send:
+        under ``dp`` the noisy counts and the spend record; ``plain`` sends the task's
+        metrics as they are."""
+        if self.evaluation != DP:
+            return dict(metrics)
+        return {k: v for k, v in metrics.items() if k in DP_EVALUATION_REPLY}
 
     @property
     def participation_public(self) -> bool:

@@ -48,12 +48,16 @@ def run_dir_report(run_dir: Path) -> str:
     ledger = PrivacyLedger.from_dict(payload.get("privacy_ledger", {}))
     if not ledger.entries:
         return f"{run_dir}: no DP ledger entries (privacy unit {payload['config']['privacy']['unit']})"
-    lines = ["| client | unit | rounds | steps | eps RDP | eps PRV | delta |", "|---|---|---|---|---|---|---|"]
+    # A round may hold several releases (DP-SGD, then a noisy evaluation under
+    # privacy.evaluation=dp): the ledger has one entry per release.
+    lines = ["| client | unit | rounds | releases | steps | eps RDP | eps PRV | delta |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in ledger.clients():
         hist = ledger.history(c)
-        unit = next(e.unit for e in ledger.entries if e.client == c)
+        mine = [e for e in ledger.entries if e.client == c]
+        unit, rounds = mine[0].unit, len({e.round for e in mine})
         lines.append(
-            f"| {c} | {unit}-level | {len(hist)} | {sum(h[2] for h in hist)} | {ledger.epsilon(c, 'rdp'):.4f} | "
+            f"| {c} | {unit}-level | {rounds} | {len(hist)} | {sum(h[2] for h in hist)} | {ledger.epsilon(c, 'rdp'):.4f} | "
             f"{ledger.epsilon(c, 'prv'):.4f} | {ledger.delta(c):g} |"
         )
     return "epsilon recomputed from the ledger (client 'all': client-level, holds for every client)\n" + "\n".join(lines)

@@ -11,6 +11,9 @@ log is its history and is only ever appended to. One JSON object per line:
   reason), failures, each client's epsilon after the previous round and after this one
   (from the privacy ledger, named accountant and delta), the aggregation rule with its
   parameters and decisions by client id, test accuracy and loss;
+- ``federated_evaluation``, after a round's line when clients evaluated: the mode
+  (``privacy.evaluation``), the accuracy (from noisy counts under ``dp``) and, under DP,
+  each releasing client's epsilon with the round's evaluation releases included;
 - ``run_finished``: the final numbers and the SHA-256 of the saved adapter files.
 
 Tampering is evident rather than impossible (Schneier and Kelsey 1999, "Secure Audit
@@ -41,6 +44,7 @@ from typing import Any
 from fedlora.core.config import canonical_json as _canonical
 from fedlora.core.config import json_safe as _plain
 from fedlora.core.files import append_durable
+from fedlora.core.units import NONE
 from fedlora.privacy.budgets import client_budgets
 
 AUDIT_FILE = "audit.jsonl"
@@ -267,6 +271,17 @@ class AuditTrail:
             "epsilon": record.get("epsilon"),
             "clients": clients,
         }
+
+    def on_federated_evaluation(self, record: dict[str, Any], recorder: Any) -> None:
+        """Clients' evaluation of a round, after its ``round`` line: the mode, the result
+        and, under ``privacy.evaluation=dp``, what the noisy releases spent (each
+        releasing client's epsilon from the ledger, this round's releases included)."""
+        rnd = int(record["round"])
+        evaluation = dict(record.get("federated_evaluation") or {})
+        fields: dict[str, Any] = {"round": rnd, "config_sha256": self.config_sha256, **evaluation}
+        if recorder.privacy_unit != NONE:
+            fields["privacy"] = self._privacy(rnd, record, recorder)
+        self.log.append("federated_evaluation", **fields)
 
     def on_stop(self, stopped: dict[str, Any], recorder: Any) -> None:
         """A failed round ends the run before its evaluation: log the round (who was

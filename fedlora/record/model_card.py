@@ -41,7 +41,20 @@ def privacy_section(statement: dict[str, Any]) -> str:
             lines.append(f"Noise: {noise['note']}.")
         else:
             lines.append(f"**{noise['warning']}.**")
+        lines += ["", evaluation_text(statement.get("evaluation") or {})]
     return "\n".join(lines) + "\n"
+
+
+def evaluation_text(evaluation: dict[str, Any]) -> str:
+    """One sentence on what clients released about their validation data under DP."""
+    mode = evaluation.get("mode")
+    if mode == "dp":
+        return ("Federated evaluation (privacy.evaluation=dp): clients released their validation accuracy as "
+                "Gaussian-noised counts; their cost is composed into the epsilon above.")
+    if mode == "plain":
+        return ("**Federated evaluation (privacy.evaluation=plain): clients released their validation loss and "
+                "accuracy in the clear; the epsilon above does not cover them.**")
+    return "Federated evaluation: off (privacy.evaluation=off); clients released nothing about their validation data."
 
 
 def _loading(plan: Any, base: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedlora.core.files import append_durable, write_atomic
 from fedlora.core.units import CLIENT, LABEL, NONE, SCOPE
+from fedlora.privacy.evaluation import PLAIN
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 from fedlora.privacy.release import INTERNAL_DIR, INTERNAL_NOTE, ReleasePolicy
 from fedlora.record.checkpoint import resume_commands
@@ -276,10 +277,21 @@ class RunRecorder:
         append_durable(Path(self.run_dir) / GENERATIONS, line.encode())
         self._notify("on_generations", server_round, samples)
 
-    def on_federated_evaluate(self, server_round: int, loss: float, accuracy: float, n: int) -> None:
+    def on_federated_evaluate(self, server_round: int, loss: float | None, accuracy: float | None, n: int,
+                              mode: str = PLAIN, clients: list[dict[str, Any]] = ()) -> None:
+        """Clients' evaluation on their validation data. ``mode`` is ``privacy.evaluation``:
+        under ``dp`` the accuracy comes from noisy counts, there is no loss, and each
+        client's record (``dp_history``) brings the releases' spend into the ledger."""
+        for info in clients:
+            self._merge_history(str(info["cid"]), info["dp_history"], info)
         rec = self._round(server_round)
-        rec["federated_evaluation"] = {"loss": _finite(loss), "accuracy": _finite(accuracy), "clients": n}
+        rec["federated_evaluation"] = {"loss": None if loss is None else _finite(loss),
+                                       "accuracy": None if accuracy is None else _finite(accuracy),
+                                       "clients": n, "mode": mode}
+        if clients:
+            rec["epsilon"] = self.epsilon()
         self.write()
+        self._notify("on_federated_evaluation", self.release.split_round(rec)[0])
 
     def eps_text(self, epsilon: float | None) -> str:
         return epsilon_text(epsilon, self.delta, self.privacy_unit)
@@ -324,6 +336,7 @@ class RunRecorder:
             "client_epsilon": self.client_epsilons(),
             "epsilon_by_accountant": self.epsilon_by_accountant(),
             "resumed_from_round": self.resumed_from,
+            "evaluation": self.evaluation_statement(),
             **extra,
         }
         self.write()
@@ -348,7 +361,13 @@ class RunRecorder:
             "accountant": self.accountant,
             "rounds_completed": self.rounds_completed(),
             "noise": self.noise,
+            "evaluation": self.evaluation_statement(),
         }
+
+    def evaluation_statement(self) -> dict[str, Any]:
+        """How clients' validation data was evaluated (``privacy.evaluation``) and whether
+        the run's epsilon covers what that released."""
+        return {"mode": self.release.evaluation, "covered": self.release.evaluation_covered}
 
     def epsilon_by_accountant(self) -> dict[str, float | None]:
         """The federation's epsilon (max over clients) recomputed from the ledger."""

@@ -241,6 +241,17 @@ class WandbTracker:
         if not self.finished:
             self.run.log(round_metrics(record, recorder.privacy_unit), step=int(record["round"]))
 
+    def on_federated_evaluation(self, record: dict[str, Any], recorder: Any) -> None:
+        """Clients' evaluation of the round (``federated/*``) and the epsilon after it."""
+        if self.finished:
+            return
+        evaluation = record.get("federated_evaluation") or {}
+        metrics = {f"federated/{k}": evaluation[k] for k in ("accuracy", "loss") if evaluation.get(k) is not None}
+        if record.get("epsilon") is not None and recorder.privacy_unit in EPSILON_KEY:
+            metrics[EPSILON_KEY[recorder.privacy_unit]] = record["epsilon"]
+        if metrics:
+            self.run.log(metrics, step=int(record["round"]))
+
     def on_generations(self, server_round: int, samples: list[dict[str, Any]], recorder: Any) -> None:
         """The round's sample generations as a table a person can read."""
         if self.finished:

@@ -18,12 +18,14 @@ def _config(unit="sample", eps=8.0, seed=0, r=8, rounds=2):
     return {"seed": seed, "resume": False, "lora": {"r": r}, "privacy": privacy, "federation": {"rounds": rounds}}
 
 
-def _run(run_dir, config, accuracy, epsilon=None, overrides=None, finished=True, perplexity=None):
+def _run(run_dir, config, accuracy, epsilon=None, overrides=None, finished=True, perplexity=None, evaluation=None):
     run_dir.mkdir(parents=True)
     unit = config["privacy"]["unit"]
     final = {"accuracy": accuracy, "epsilon": epsilon, "delta": None if unit == "none" else 1e-5,
              "privacy_unit": unit, "rounds_completed": 2, "wall_s": 123.4,
              "epsilon_by_accountant": {} if epsilon is None else {"rdp": epsilon, "prv": epsilon * 0.9}}
+    if evaluation is not None:
+        final["evaluation"] = {"mode": evaluation, "covered": unit == "none" or evaluation != "plain"}
     rounds = [{"round": 0, "accuracy": 0.5},
               {"round": 1, "accuracy": accuracy, "clients": [], "epsilon": epsilon, "bytes_up": 1_500_000,
                "bytes_down": 3_000_000}]
@@ -54,16 +56,20 @@ def test_multirun_rows_common_overrides_gap_and_plot(tmp_path, capsys):
     sweep = tmp_path / "multirun"
     for i, eps in enumerate([1, 3, 8]):
         _run(sweep / str(i), _config(eps=eps), 0.69 + 0.02 * i, epsilon=eps - 0.001,
-             overrides=[f"privacy.target_epsilon={eps}", "federation.rounds=2", "hydra.run.dir=x"])
-    _run(sweep / "no_dp", _config(unit="none"), 0.755, overrides=["privacy=none", "federation.rounds=2"])
+             overrides=[f"privacy.target_epsilon={eps}", "federation.rounds=2", "hydra.run.dir=x"],
+             evaluation="dp" if i < 2 else "plain")
+    _run(sweep / "no_dp", _config(unit="none"), 0.755, overrides=["privacy=none", "federation.rounds=2"],
+         evaluation="plain")
     assert main([str(sweep)]) == 0
     text = (sweep / REPORT).read_text()
     assert text in capsys.readouterr().out
     rows = _rows(text.split("Overrides every run shares")[0])
     assert rows[0] == ("| 0 | `privacy.target_epsilon=1` | 0.690 | -6.5 | 0.999 (RDP; PRV 0.899) | 1e-05 "
-                       "| sample-level (max over clients) | 2/2 | 1.50 | 3.00 | 123 |")
+                       "| sample-level (max over clients) | dp | 2/2 | 1.50 | 3.00 | 123 |")
     assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2", "| no_dp"]
-    assert rows[3].startswith("| no_dp | `privacy=none` | 0.755 | +0.0 | – (no DP) | – | no DP |")
+    # Clients' metrics in the clear under DP are flagged; without DP there is nothing to cover.
+    assert "| plain (not covered) |" in rows[2]
+    assert rows[3].startswith("| no_dp | `privacy=none` | 0.755 | +0.0 | – (no DP) | – | no DP | plain |")
     assert "Overrides every run shares: `federation.rounds=2`." in text
     png = (sweep / PLOT).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000

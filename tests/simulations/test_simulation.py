@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 
 from fedlora.data import load_task_data
+from fedlora.privacy import epsilon_from_history
 from fedlora.tasks import get_task
 
 pytestmark = pytest.mark.integration
@@ -91,14 +92,45 @@ def test_ledger_recomputes_the_reported_epsilon_and_plot_exists(run_dir, capsys)
 
     res = json.loads((run_dir / "results.json").read_text())
     ledger = PrivacyLedger.from_dict(res["privacy_ledger"])
-    assert len(ledger.entries) == 4  # 2 clients x 2 rounds
+    assert len(ledger.entries) == 8  # 2 clients x 2 rounds x (DP-SGD, noisy evaluation)
     for cid, eps in res["final"]["client_epsilon"].items():
         assert ledger.epsilon(cid, res["config"]["privacy"]["accountant"]) == pytest.approx(eps, rel=1e-9)
     by_acc = res["final"]["epsilon_by_accountant"]
     assert by_acc["rdp"] == pytest.approx(res["final"]["epsilon"]) and by_acc["prv"] < by_acc["rdp"]
     assert (run_dir / "epsilon.png").stat().st_size > 1000
     assert report_main(["--run-dir", str(run_dir)]) == 0
-    assert "| 0 | sample-level | 2 |" in capsys.readouterr().out
+    assert "| 0 | sample-level | 2 | 4 |" in capsys.readouterr().out
+
+
+def test_clients_evaluate_through_noisy_counts_in_the_ledger(run_dir):
+    """The default privacy.evaluation=dp: each round's federated accuracy comes from
+    noisy counts, every release is a ledger entry of the Gaussian mechanism (q = 1, one
+    step), each client's epsilon composes both kinds, and the audit log and the model
+    card say so."""
+    from fedlora.record.audit import verify_audit
+
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["final"]["evaluation"] == {"mode": "dp", "covered": True}
+    for r in res["rounds"][1:]:
+        fed = r["federated_evaluation"]
+        assert fed["mode"] == "dp" and fed["loss"] is None and fed["clients"] == 2
+        assert fed["accuracy"] is None or 0.0 <= fed["accuracy"] <= 1.0
+    entries = res["privacy_ledger"]["entries"]
+    evals = [e for e in entries if e["sample_rate"] == 1.0 and e["steps"] == 1]
+    assert sorted((e["client"], e["round"]) for e in evals) == [("0", 1), ("0", 2), ("1", 1), ("1", 2)]
+    sigma = {e["noise_multiplier"] for e in evals}
+    assert len(sigma) == 1 and sigma.pop() > 0
+    for cid, eps in res["final"]["client_epsilon"].items():
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries if e["client"] == cid]
+        assert len(history) == 4 and eps == pytest.approx(epsilon_from_history(history, 1e-5))
+        assert eps <= res["config"]["privacy"]["target_epsilon"]
+    audit = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    lines = [a for a in audit if a["event"] == "federated_evaluation"]
+    assert [a["round"] for a in lines] == [1, 2] and all(a["mode"] == "dp" for a in lines)
+    last = lines[-1]["privacy"]["clients"]
+    assert {c: v["epsilon_after"] for c, v in last.items()} == pytest.approx(res["final"]["client_epsilon"])
+    assert verify_audit(run_dir / "audit.jsonl") == []
+    assert "Gaussian-noised counts" in (run_dir / "adapter" / "README.md").read_text()
 
 
 def test_no_ray_process_left_behind(run_dir):

@@ -65,16 +65,6 @@ def test_optional_keys_are_labels_not_statistics():
     assert OPTIONAL_REPLY == {"attack", "declined", "reason", "history_refused"}
 
 
-def test_clients_do_not_evaluate_on_their_validation_data_under_dp(tiny_cfg, tmp_path):
-    for unit, expected in (("sample", 0), ("none", None)):
-        client = LoRAClient(build_plan_cached(tiny_cfg(f"privacy={unit}")), 1, tmp_path)
-        loss, n, metrics = client.evaluate(client.get_parameters({}), {})
-        if expected == 0:
-            assert n == 0 and set(metrics) == {"partition_id"}
-        else:
-            assert n == len(client.val_idx) > 0 and "accuracy" in metrics
-
-
 def test_a_client_level_round_publishes_no_participant():
     record = {"round": 3, "accuracy": 0.7, "loss": 0.5, "epsilon": 1.2, "fit_recorded": True,
               "clients": [{"cid": 1}], "sampled": {"clients": [1], "method": "poisson"}, "failures": [],
