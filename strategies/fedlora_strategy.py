@@ -5,8 +5,9 @@ Clients return ``local - global`` for the adapter tensors. Replies are triaged
 (n, d) float32 matrix, and a malformed update is counted as a failure with its reason,
 so one broken client cannot crash or poison the round. The rule (a registered
 aggregator or a user's function, optionally behind norm bounding) aggregates the
-matrix, and the server steps ``global += server_lr * aggregate`` (server_lr = 1 is
-FedAvg; Reddi et al. 2021 for server optimizers).
+matrix, and the server optimiser (:mod:`strategies.server_optimizers`: FedAvg with a
+server learning rate, FedAvgM, FedAdagrad, FedAdam, FedYogi) turns the aggregate into
+the step added to the global adapter.
 
 Client-level DP is a wrapper around this strategy (:mod:`strategies.client_dp`), as
 in Flower's own DP strategies; it replaces the sampling and the aggregation through
@@ -48,6 +49,7 @@ from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN,
 from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
 from strategies.sampling import attach_histories, how_many, uniform_sample
+from strategies.server_optimizers import ServerOptimizer
 from strategies.triage import ReplyBatch, payload_bytes, triage
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
@@ -75,7 +77,11 @@ class FedLoRAStrategy(Strategy):
         Clip every update to this L2 norm before the aggregator (Sun et al. 2019),
         through :func:`strategies.aggregators.with_norm_bound`.
     server_lr : float, default 1.0
-        Step size of the server update on the aggregated delta.
+        Step size of the server update on the aggregated delta (FedAvg's, when no
+        ``server_optimizer`` is given).
+    server_optimizer : ServerOptimizer, optional
+        How the aggregate becomes the step (:mod:`strategies.server_optimizers`); its
+        moments are part of the checkpoint.
     fraction_fit, fraction_evaluate : float
         Fraction of available clients sampled for training / federated evaluation.
     min_fit_clients, min_evaluate_clients, min_available_clients : int
@@ -110,6 +116,7 @@ class FedLoRAStrategy(Strategy):
         aggregator_params: dict[str, Any] | None = None,
         norm_bound: float | None = None,
         server_lr: float = 1.0,
+        server_optimizer: ServerOptimizer | None = None,
         fraction_fit: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_fit_clients: int = 2,
@@ -137,7 +144,8 @@ class FedLoRAStrategy(Strategy):
         # Rules that can explain their decisions fill a ``report`` dict (audit log);
         # others (e.g. a user's rule) are called exactly as before.
         self._takes_report = "report" in signature
-        self.server_lr = float(server_lr)
+        self.optimizer = server_optimizer or ServerOptimizer("fedavg", lr=float(server_lr))
+        self.server_lr = self.optimizer.lr
         self.fraction_fit = float(fraction_fit)
         self.fraction_evaluate = float(fraction_evaluate)
         self.min_fit_clients = int(min_fit_clients)
@@ -176,7 +184,7 @@ class FedLoRAStrategy(Strategy):
     def __repr__(self) -> str:
         return (
             f"FedLoRAStrategy(aggregator={self.aggregator_name}{self.aggregator_params or ''}, "
-            f"norm_bound={self.norm_bound}, server_lr={self.server_lr}, "
+            f"norm_bound={self.norm_bound}, server_optimizer={self.optimizer.name}, server_lr={self.server_lr}, "
             f"fraction_fit={self.fraction_fit}, min_fit_clients={self.min_fit_clients}, "
             f"d={self.dimension})"
         )
@@ -366,8 +374,8 @@ class FedLoRAStrategy(Strategy):
         return aggregate, report
 
     def step(self, aggregate: np.ndarray) -> Parameters:
-        """The server step ``global += server_lr * aggregate``."""
-        step = unflatten(self.server_lr * aggregate, self.global_arrays)
+        """The server step: the optimiser's move for ``aggregate`` added to the global adapter."""
+        step = unflatten(self.optimizer.step(aggregate), self.global_arrays)
         self.global_arrays = [g + s for g, s in zip(self.global_arrays, step)]
         return ndarrays_to_parameters(self.global_arrays)
 
@@ -381,8 +389,10 @@ class FedLoRAStrategy(Strategy):
         """Everything needed to continue after ``server_round`` (see :mod:`fedlora.record.checkpoint`)."""
         # No generator state: every round draws fresh randomness (see NoiseSource).
         state = {"exhausted": sorted(self.exhausted), "experiment_id": self.experiment_id,
-                 "started_round": max(self.started_round, server_round)}
+                 "started_round": max(self.started_round, server_round),
+                 "server_optimizer": self.optimizer.state()}
         arrays = {} if self.reference is None else {"reference": self.reference}
+        arrays.update(self.optimizer.state_arrays())
         return Checkpoint(round=server_round, global_arrays=list(self.global_arrays), state=state, arrays=arrays)
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -394,6 +404,7 @@ class FedLoRAStrategy(Strategy):
         self.exhausted = set(ckpt.state.get("exhausted", []))
         self.experiment_id = str(ckpt.state.get("experiment_id") or self.experiment_id)
         self.reference = ckpt.arrays.get("reference")
+        self.optimizer.restore(ckpt.state.get("server_optimizer") or {}, ckpt.arrays)
 
     def aggregate_evaluate(
         self,

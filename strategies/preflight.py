@@ -21,6 +21,7 @@ from fedlora.privacy.calibration import check_budget, clients_per_round
 from fedlora.record.tracking import check_tracking
 from fedlora.tasks.runtime import get_bundle
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
+from strategies.server_optimizers import from_config as server_optimizer
 
 
 def backend_cpus(cfg: Any) -> int:
@@ -91,6 +92,7 @@ def check_aggregator(cfg: Any) -> None:
     bound = cfg.strategy.get("norm_bound")
     if bound is not None and not float(bound) > 0:
         raise ConfigError("strategy.norm_bound", f"must be > 0 (or null), got {bound}")
+    server_optimizer(cfg.strategy)  # a known optimiser with valid parameters
     if name not in AGGREGATORS:
         return  # a user's rule: its own checks run when it is called
     params = aggregator_params(cfg.strategy)

@@ -45,6 +45,7 @@ from strategies.client_dp import ClientLevelDP
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.preflight import preflight
 from strategies.secagg import secagg_workflow
+from strategies.server_optimizers import from_config as server_optimizer
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -127,7 +128,7 @@ def run_server(
         aggregator=aggregator_name(cfg.strategy),
         aggregator_params=aggregator_params(cfg.strategy),
         norm_bound=cfg.strategy.get("norm_bound"),
-        server_lr=float(cfg.strategy.server_lr),
+        server_optimizer=server_optimizer(cfg.strategy),
         fraction_fit=float(fed.fraction_fit),
         fraction_evaluate=_fraction_evaluate(plan, echo),
         min_fit_clients=int(fed.min_fit_clients),

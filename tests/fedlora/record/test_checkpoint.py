@@ -47,3 +47,35 @@ def test_a_started_round_is_never_run_again_after_a_resume(tmp_path):
     fresh = FedLoRAStrategy(initial_arrays=[np.zeros(3, np.float32)])
     fresh.restore(strategy.checkpoint(2))
     assert fresh.round_offset == 3 and fresh.completed_round == 2
+
+
+def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path):
+    from strategies.server_optimizers import ServerOptimizer
+
+    deltas = [np.array([0.5, -1.0, 2.0], np.float32), np.array([0.1, 0.3, -0.2], np.float32),
+              np.array([-0.4, 0.2, 0.0], np.float32)]
+
+    def strategy():
+        return FedLoRAStrategy(initial_arrays=[np.zeros(3, np.float32)],
+                               server_optimizer=ServerOptimizer("fedadam", lr=0.1))
+
+    def fit(strat, rnd, delta):
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([delta]), 4, {"partition_id": 0})
+        strat.aggregate_fit(rnd, [(GridClientProxy(1, None, 0), res)], [])
+
+    whole = strategy()
+    for rnd in (1, 2, 3):
+        fit(whole, rnd, deltas[rnd - 1])
+    first = strategy()
+    fit(first, 1, deltas[0]), fit(first, 2, deltas[1])
+    save_checkpoint(tmp_path / "c.npz", first.checkpoint(2))
+    resumed = strategy()
+    resumed.restore(load_checkpoint(tmp_path / "c.npz"))
+    fit(resumed, 1, deltas[2])  # Flower counts from 1 again after a resume; the strategy continues at 3
+    np.testing.assert_array_equal(resumed.global_arrays[0], whole.global_arrays[0])
+    assert resumed.optimizer.steps == 3
+    # Without the moments the third step would differ (Adam normalises by sqrt(v)).
+    cold = strategy()
+    cold.global_arrays = [a.copy() for a in first.global_arrays]
+    fit(cold, 1, deltas[2])
+    assert not np.allclose(cold.global_arrays[0], whole.global_arrays[0])
