@@ -144,6 +144,8 @@ class FedLoRAStrategy(Strategy):
         # Rules that can explain their decisions fill a ``report`` dict (audit log);
         # others (e.g. a user's rule) are called exactly as before.
         self._takes_report = "report" in signature
+        # Rules that normalise by each client's work (FedNova) get the rows' step counts.
+        self._takes_steps = "local_steps" in signature
         self.optimizer = server_optimizer or ServerOptimizer("fedavg", lr=float(server_lr))
         self.server_lr = self.optimizer.lr
         self.fraction_fit = float(fraction_fit)
@@ -320,7 +322,7 @@ class FedLoRAStrategy(Strategy):
         if batch.num_accepted:
             start = time.perf_counter()
             try:
-                aggregate, report = self._robust_aggregate(batch.updates, batch.weights)
+                aggregate, report = self._robust_aggregate(batch)
             except ValueError as err:
                 # E.g. Krum given fewer updates than n >= 2f + 3: fail the round, not the run.
                 error = f"aggregator {self.aggregator_name} failed on {batch.num_accepted} updates: {err}"
@@ -360,10 +362,13 @@ class FedLoRAStrategy(Strategy):
         self.end_round(server_round)
         raise RoundFailed(error)
 
-    def _robust_aggregate(self, updates: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def _robust_aggregate(self, batch: ReplyBatch) -> tuple[np.ndarray, dict[str, Any]]:
         """The aggregate and what the rule (and norm bounding) decided, by row."""
+        updates, weights = batch.updates, batch.weights
         report: dict[str, Any] = {}
         params = dict(self.aggregator_params)
+        if self._takes_steps:
+            params["local_steps"] = batch.row_steps
         if self._takes_reference:
             params["reference"] = self.reference
         if self._takes_report or self.norm_bound is not None:

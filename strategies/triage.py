@@ -53,6 +53,8 @@ class ReplyBatch:
     updates: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     row_cids: list[Any] = field(default_factory=list)
+    # Each row's local steps as its reply states them (FedNova's normaliser).
+    row_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     declined_nodes: list[str] = field(default_factory=list)
     num_results: int = 0
     num_failures: int = 0
@@ -92,6 +94,7 @@ def triage(
     batch = ReplyBatch(num_results=len(results), num_failures=len(failures))
     rows: list[np.ndarray] = []
     weights: list[int] = []
+    steps: list[int] = []
     replies = [(proxy, res, FitReply.from_metrics(res.metrics, default_partition=proxy.cid)) for proxy, res in results]
     # In client order, not arrival order: the float sum of the rows, and so the aggregate,
     # must not depend on which client happened to answer first.
@@ -112,6 +115,7 @@ def triage(
         if reason is None:
             rows.append(flatten(arrays))
             weights.append(res.num_examples)
+            steps.append(int(reply.steps or 0))
             batch.row_cids.append(info["cid"])
         else:
             info["reason"] = reason
@@ -123,4 +127,5 @@ def triage(
                                "bytes_down": bytes_down})
     batch.updates = stack(rows, sum(a.size for a in reference))
     batch.weights = np.asarray(weights, dtype=np.float64)
+    batch.row_steps = np.asarray(steps, dtype=np.float64)
     return batch

@@ -21,6 +21,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedlora.client.proximal import ProximalStep
 from fedlora.privacy import DPPlan
 
 # Opacus's hooks see the embeddings' outputs (no input needs a gradient under LoRA);
@@ -99,12 +100,16 @@ LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
 
 def _step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, loss_fn: LossFn, clip: float | None = None
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, loss_fn: LossFn, clip: float | None = None,
+    after: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """One optimizer step on ``batch``; ``loss_fn`` is the task's (mean of per-example losses)."""
+    """One optimizer step on ``batch``; ``loss_fn`` is the task's (mean of per-example losses);
+    ``after`` runs after the step (FedProx's proximal step), an empty batch's included."""
     n = len(batch[0])
     if n == 0:  # only a Poisson (DP) batch can be empty
         noise_only_step(optimizer)
+        if after is not None:
+            after()
         return 0.0, 0
     loss = loss_fn(model, batch)
     loss.backward()
@@ -112,15 +117,23 @@ def _step(
         clip_batch_gradient((p for g in optimizer.param_groups for p in g["params"]), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if after is not None:
+        after()
     return float(loss.detach()) * n, n
 
 
-def _run_steps(model, optimizer, loader, steps: int, loss_fn: LossFn, clip: float | None = None) -> TrainStats:
+def _proximal(optimizer: torch.optim.Optimizer, train_cfg: Any) -> ProximalStep | None:
+    mu = float(train_cfg.get("proximal_mu") or 0.0)
+    return ProximalStep(optimizer, mu) if mu > 0 else None
+
+
+def _run_steps(model, optimizer, loader, steps: int, loss_fn: LossFn, clip: float | None = None,
+               after: Callable[[], None] | None = None) -> TrainStats:
     model.train()
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
         for batch in loader:
-            loss, n = _step(model, optimizer, batch, loss_fn, clip)
+            loss, n = _step(model, optimizer, batch, loss_fn, clip, after)
             loss_sum, seen, done = loss_sum + loss, seen + n, done + 1
             if done >= steps:
                 break
@@ -135,7 +148,8 @@ def train_plain(
         data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True, generator=generator
     )
     clip = train_cfg.get("max_grad_norm")
-    return _run_steps(model, make_optimizer(model, train_cfg), loader, steps, loss_fn, clip=clip)
+    optimizer = make_optimizer(model, train_cfg)
+    return _run_steps(model, optimizer, loader, steps, loss_fn, clip=clip, after=_proximal(optimizer, train_cfg))
 
 
 def _dp_parts(
@@ -181,7 +195,7 @@ def train_dp(
     # join the first clipped sum.
     optimizer.zero_grad(set_to_none=True)
     try:
-        return _run_steps(gsm, optimizer, loader, steps, loss_fn)
+        return _run_steps(gsm, optimizer, loader, steps, loss_fn, after=_proximal(optimizer, train_cfg))
     finally:
         optimizer.zero_grad(set_to_none=True)
 

@@ -5,7 +5,8 @@ over ``updates`` of shape (n, d) float32 (one flattened LoRA delta per row) and
 non-negative ``weights`` of shape (n,). No Flower imports: the strategy is a thin
 adapter around these. New rules plug in with :func:`register` or by dotted path.
 
-Registered rules: ``fedavg``, ``median``, ``trimmed_mean``, ``krum``, ``multi_krum``,
+Registered rules: ``fedavg``, ``fednova`` (its rows' local step counts come from the
+strategy), ``median``, ``trimmed_mean``, ``krum``, ``multi_krum``,
 ``bulyan`` and ``centered_clipping``. The robust ones reproduce the definitions in
 ``flwr.server.strategy.aggregate`` (see each docstring for the exact correspondence)
 but work on the whole matrix at once: column blocks are transposed and sorted with
@@ -35,7 +36,7 @@ from strategies.aggregators.registry import (  # noqa: I001  (registry first: th
     AGGREGATORS, REPORT_PER_ROW_KEYS, REPORT_ROW_KEYS, Aggregator, check_params, get_aggregator, label_rows,
     min_clients, register,
 )
-from strategies.aggregators.mean import fedavg
+from strategies.aggregators.mean import fedavg, fednova
 from strategies.aggregators.coordinatewise import median, trimmed_mean
 from strategies.aggregators.krum import bulyan, krum, multi_krum
 from strategies.aggregators.clipping import centered_clipping, norm_bound, with_norm_bound
