@@ -20,6 +20,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedlora.attacks import malicious_clients
+from fedlora.core.compression import Codec
 from fedlora.core.config import canonical_json, seed_for
 from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.core.units import CLIENT, SAMPLE, unit_of
@@ -72,6 +73,7 @@ class ExperimentPlan:
     release: ReleasePolicy
     noise: NoiseSource
     canaries: CanaryPlan | None = None
+    codec: Codec = Codec()  # how updates travel (the compression group)
 
     @property
     def unit(self) -> str:
@@ -184,6 +186,7 @@ def build_plan(cfg: Any) -> ExperimentPlan:
         release=ReleasePolicy.from_config(cfg),
         noise=NoiseSource.from_config(cfg.privacy),
         canaries=canaries,
+        codec=Codec.from_config(cfg),
     )
 
 

@@ -45,6 +45,7 @@ from flwr.server.strategy import Strategy
 
 from fedlora.client.state import EXPERIMENT_KEY
 from fedlora.core.arrays import unflatten
+from fedlora.core.compression import Codec
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
@@ -129,6 +130,7 @@ class FedLoRAStrategy(Strategy):
         on_round_end: Callable[[int, "FedLoRAStrategy"], None] | None = None,
         min_fit_results: int | None = None,
         evaluation: str = PLAIN,
+        codec: Codec | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -155,6 +157,7 @@ class FedLoRAStrategy(Strategy):
         self.min_available_clients = int(min_available_clients)
         self.evaluate_fn = evaluate_fn
         self.evaluation = str(evaluation)
+        self.codec = codec or Codec()
         self.recorder = recorder
         self.on_round_start = on_round_start
         self.on_round_end = on_round_end
@@ -283,7 +286,7 @@ class FedLoRAStrategy(Strategy):
     ) -> ReplyBatch:
         """The round's replies sorted (:func:`strategies.triage.triage`); what they tell
         about the federation (who declined, which node is which client) is kept."""
-        batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client)
+        batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec)
         for info in batch.clients:
             self.node_clients[str(info["node_id"])] = str(info["cid"])
             # A client that replied holds its history; it needs none from us again.

@@ -141,6 +141,7 @@ def run_server(
         on_round_end=lambda server_round, strat: _save(run_dir, strat, recorder, server_round),
         min_fit_results=plan.min_fit_results,
         evaluation=plan.release.evaluation,
+        codec=plan.codec,
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)

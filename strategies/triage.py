@@ -17,7 +17,8 @@ import numpy as np
 from flwr.common import FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from fedlora.core.arrays import flatten
+from fedlora.core.arrays import flatten, unflatten
+from fedlora.core.compression import Codec
 from fedlora.reply import FitReply
 from strategies.validation import validate_update
 
@@ -84,13 +85,26 @@ def _client_order(cid: Any) -> tuple[int, int | str]:
         return 1, str(cid)
 
 
+def _decode(arrays: list[np.ndarray], reference: list[np.ndarray], codec: Codec):
+    """(tensors, None), or (the payload, why it could not be decoded)."""
+    if codec.name == "none":
+        return arrays, None
+    try:
+        flat = codec.decode(arrays, [a.size for a in reference])
+    except ValueError as err:
+        return arrays, f"compressed update ({codec.name}) could not be decoded: {err}"
+    return unflatten(flat, reference), None
+
+
 def triage(
     results: list[tuple[ClientProxy, FitRes]],
     failures: list[tuple[ClientProxy, FitRes] | BaseException],
     reference: list[np.ndarray],
     bytes_down: int,
+    codec: Codec = Codec(),
 ) -> ReplyBatch:
-    """Sort a round's replies against the global adapter ``reference``."""
+    """Sort a round's replies against the global adapter ``reference``; ``codec`` decodes
+    compressed updates first (a payload it cannot decode is a rejection)."""
     batch = ReplyBatch(num_results=len(results), num_failures=len(failures))
     rows: list[np.ndarray] = []
     weights: list[int] = []
@@ -107,8 +121,8 @@ def triage(
             info["accepted"] = False
             batch.clients.append(info)
             continue
-        arrays = parameters_to_ndarrays(res.parameters)
-        reason = validate_update(arrays, reference)
+        arrays, reason = _decode(parameters_to_ndarrays(res.parameters), reference, codec)
+        reason = reason or validate_update(arrays, reference)
         if reason is None and res.num_examples <= 0:
             reason = f"num_examples must be positive, got {res.num_examples}"
         info["accepted"] = reason is None

@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 
 from fedlora.attacks import alie_z, get_attack
-from fedlora.client.state import EXPERIMENT_KEY, HISTORY_KEY, SpendLog, state_dir
+from fedlora.client.state import EXPERIMENT_KEY, HISTORY_KEY, Residual, SpendLog, state_dir
 from fedlora.client.training import (
     DPGenerators,
     TrainStats,
@@ -43,6 +43,7 @@ from fedlora.reply import FitReply
 from fedlora.tasks.runtime import ModelBundle, cached_shard, get_bundle
 
 ATTACK_SALT = 0xA77AC
+COMPRESSION_SALT = 0xC0DEC
 
 
 class LoRAClient(NumPyClient):
@@ -215,6 +216,8 @@ class LoRAClient(NumPyClient):
         reply.update_norm = float(np.linalg.norm(flatten(delta)))
         if self.plan.secagg is not None:
             delta = self._prepare_secure(delta)
+        if self.plan.codec.name != "none":
+            delta = self._compress(delta, config, server_round)
         if plan is not None:
             # Recorded (fsync'd) before the update leaves: a server that dies before it
             # aggregates cannot make this client forget the spend.
@@ -233,6 +236,21 @@ class LoRAClient(NumPyClient):
         # DP-SGD steps only: a noisy evaluation's entry is its own release, not a step.
         reply.total_steps = int(sum(h[2] for h in history if tuple(h[:3]) != plan.evaluation_entry))
         reply.dp_history = list(history)
+
+    def _compress(self, delta: list[np.ndarray], config, server_round: int) -> list[np.ndarray]:
+        """The delta as the codec sends it (fedlora.core.compression); under error feedback
+        the unsent rest joins next round's delta, kept on this client's disk."""
+        codec, sizes = self.plan.codec, [int(np.asarray(a).size) for a in delta]
+        flat = flatten(delta)
+        residual = Residual(self.state_dir, str(config.get(EXPERIMENT_KEY) or "experiment"), self.partition_id)
+        if codec.error_feedback:
+            flat = flat + residual.load(flat.size)
+        # Stochastic rounding needs no secret: it acts on what is released anyway.
+        rng = np.random.default_rng(seed_for(self.cfg.seed, self.partition_id, server_round, COMPRESSION_SALT))
+        sent = codec.encode(flat, sizes, rng)
+        if codec.error_feedback:
+            residual.save(flat - codec.decode(sent, sizes))
+        return sent
 
     def _prepare_secure(self, delta):
         """Before SecAgg+ masks it: clip the delta to the quantizer's range (fixed clipping,

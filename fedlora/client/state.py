@@ -21,13 +21,16 @@ only raise epsilon (composition never lowers it).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fedlora.core.files import append_durable
+import numpy as np
+
+from fedlora.core.files import append_durable, write_atomic
 
 Entry = tuple[float, float, int, int]  # noise_multiplier, sample_rate, steps, round
 
@@ -65,12 +68,17 @@ def extends(prefix: Sequence[Entry], history: Sequence[Entry]) -> bool:
     return len(history) >= len(prefix) and all(_entry(a) == _entry(b) for a, b in zip(prefix, history))
 
 
+def experiment_dir(root: Path | str, experiment_id: str) -> Path:
+    """The folder of one experiment's client state under a node's state directory."""
+    return Path(root) / (re.sub(r"[^A-Za-z0-9_.-]", "_", str(experiment_id)) or "experiment")
+
+
 class SpendLog:
     """Append-only JSON lines of one client's spend in one experiment."""
 
     def __init__(self, root: Path | str, experiment_id: str, client: int | str) -> None:
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(experiment_id)) or "experiment"
-        self.path = Path(root) / safe / f"client-{client}.jsonl"
+        self.path = experiment_dir(root, experiment_id) / f"client-{client}.jsonl"
+
 
     def history(self) -> list[Entry]:
         if not self.path.is_file():
@@ -112,3 +120,23 @@ class SpendLog:
             f"the server's privacy history ({len(theirs)} entries) does not extend this client's own "
             f"record ({len(own)} entries, {self.path}); it was refused and the client's own record is used"
         )
+
+
+class Residual:
+    """Error feedback's memory (top-k compression): what the client has not sent yet,
+    one float32 vector on its own disk, replaced atomically every round."""
+
+    def __init__(self, root: Path | str, experiment_id: str, client: int | str) -> None:
+        self.path = experiment_dir(root, experiment_id) / f"client-{client}-residual.npy"
+
+    def load(self, size: int) -> np.ndarray:
+        if self.path.is_file():
+            saved = np.load(self.path, allow_pickle=False)
+            if saved.shape == (size,):
+                return saved.astype(np.float32)
+        return np.zeros(size, np.float32)
+
+    def save(self, residual: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(residual, dtype=np.float32), allow_pickle=False)
+        write_atomic(self.path, buffer.getvalue())
