@@ -49,7 +49,7 @@ from fedlora.core.compression import Codec
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
-from strategies.sampling import attach_histories, how_many, uniform_sample
+from strategies.sampling import Excluding, attach_histories, how_many, power_of_choice, uniform_sample
 from strategies.server_optimizers import ServerOptimizer
 from strategies.triage import ReplyBatch, payload_bytes, triage
 
@@ -131,6 +131,8 @@ class FedLoRAStrategy(Strategy):
         min_fit_results: int | None = None,
         evaluation: str = PLAIN,
         codec: Codec | None = None,
+        selection: str = "uniform",
+        selection_candidates: int | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -158,6 +160,11 @@ class FedLoRAStrategy(Strategy):
         self.evaluate_fn = evaluate_fn
         self.evaluation = str(evaluation)
         self.codec = codec or Codec()
+        # power_of_choice: the d candidates drawn uniformly each round, of which the
+        # highest-loss clients train; losses come from the clients' federated evaluation.
+        self.selection = str(selection)
+        self.selection_candidates = selection_candidates
+        self.client_losses: dict[str, float] = {}
         self.recorder = recorder
         self.on_round_start = on_round_start
         self.on_round_end = on_round_end
@@ -260,9 +267,23 @@ class FedLoRAStrategy(Strategy):
         if not clients:
             log(WARNING, "round %s: %s clients with budget left, fewer than needed; no training", server_round, eligible)
             return []
-        self.notify("on_sample", server_round, [c.cid for c in clients], method="uniform without replacement",
+        how = {"method": "uniform without replacement"}
+        if self.selection == "power_of_choice":
+            clients, how = self._power_of_choice(client_manager, clients, eligible)
+        self.notify("on_sample", server_round, [c.cid for c in clients], **how,
                     fraction_fit=self.fraction_fit, eligible=eligible, excluded_out_of_budget=sorted(self.exhausted))
         return [(c, ins) for c in clients]
+
+    def _power_of_choice(self, client_manager: ClientManager, chosen: list[ClientProxy], eligible: int):
+        """From ``d`` candidates drawn uniformly (``federation.selection_candidates``,
+        default twice the clients per round), the ``m = len(chosen)`` of highest loss."""
+        m = len(chosen)
+        d = min(eligible, max(m, int(self.selection_candidates or 2 * m)))
+        candidates = client_manager.sample(num_clients=d, min_num_clients=self.min_available_clients,
+                                           criterion=Excluding(self.exhausted))
+        by_node = {c.cid: c for c in candidates}
+        picked = power_of_choice([c.cid for c in candidates], self.client_losses, m)
+        return [by_node[n] for n in picked], {"method": "power of choice", "candidates": len(candidates)}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -422,6 +443,11 @@ class FedLoRAStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         server_round += self.round_offset
         if self.evaluation == DP:
+            # A client's own noisy error rate: post-processing of its release.
+            for proxy, r in results:
+                if NOISY_CORRECT in r.metrics and float(r.metrics[NOISY_EXAMPLES]) > 0:
+                    rate = float(r.metrics[NOISY_CORRECT]) / float(r.metrics[NOISY_EXAMPLES])
+                    self.client_losses[proxy.cid] = 1.0 - min(1.0, max(0.0, rate))
             return self._aggregate_noisy_counts(server_round, [r for _, r in results])
         valid = [r for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
         total = sum(r.num_examples for r in valid)
@@ -429,6 +455,8 @@ class FedLoRAStrategy(Strategy):
             return None, {}
         loss = sum(r.loss * r.num_examples for r in valid) / total
         acc = sum(float(r.metrics.get("accuracy", 0.0)) * r.num_examples for r in valid) / total
+        self.client_losses.update({proxy.cid: float(r.loss) for proxy, r in results
+                                   if r.num_examples > 0 and math.isfinite(r.loss)})
         if self.recorder is not None:
             self.recorder.on_federated_evaluate(server_round, loss, acc, len(valid))
         return loss, {"accuracy": acc}

@@ -14,13 +14,15 @@ from typing import Any
 from fedlora.attacks import malicious_clients
 from fedlora.core.errors import ConfigError
 from fedlora.core.secure import check_secure
-from fedlora.core.units import CLIENT, NONE, SAMPLE, UNITS
+from fedlora.core.units import CLIENT, NONE, SAMPLE, UNITS, unit_of
 from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params, build_plan
 from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import check_budget, clients_per_round
+from fedlora.privacy.evaluation import OFF, evaluation_mode
 from fedlora.record.tracking import check_tracking
 from fedlora.tasks.runtime import get_bundle
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
+from strategies.sampling import SELECTIONS
 from strategies.server_optimizers import from_config as server_optimizer
 
 
@@ -77,9 +79,32 @@ def check_federation(cfg: Any, simulation: bool = True) -> None:
     if unit == CLIENT:
         check_client_dp_aggregator(aggregator_name(cfg.strategy))
     check_aggregator(cfg)
+    check_selection(cfg)
     check_secure(cfg, clients_per_round(cfg), robust=not getattr(
         get_aggregator(aggregator_name(cfg.strategy)), "client_dp_sensitivity", None))
     malicious_clients(cfg.attack, n)
+
+
+def check_selection(cfg: Any) -> None:
+    """``federation.selection``: a known policy whose inputs this run has."""
+    fed = cfg.federation
+    selection = str(fed.get("selection") or "uniform")
+    if selection not in SELECTIONS:
+        raise ConfigError("federation.selection", f"unknown policy {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    if selection != "power_of_choice":
+        return
+    if unit_of(cfg) == CLIENT:
+        raise ConfigError(
+            "federation.selection", "power_of_choice picks clients by their losses, which under client-level DP "
+            "would make participation depend on single clients' data outside the Poisson sample the accountant "
+            "assumes; use selection=uniform with privacy=client")
+    if float(fed.fraction_evaluate) <= 0 or evaluation_mode(cfg) == OFF:
+        raise ConfigError(
+            "federation.selection", "power_of_choice reads the clients' losses from their federated evaluation: set "
+            "federation.fraction_evaluate > 0 and privacy.evaluation=dp (or plain)")
+    candidates = fed.get("selection_candidates")
+    if candidates is not None and int(candidates) < 1:
+        raise ConfigError("federation.selection_candidates", f"must be >= 1 (or null), got {candidates}")
 
 
 def check_aggregator(cfg: Any) -> None:

@@ -1,5 +1,6 @@
-"""Who trains this round: uniform sampling of the clients with budget left, and each
-sampled client's own history attached to its instruction after a resume.
+"""Who trains this round: uniform sampling of the clients with budget left, or
+power-of-choice over a uniform candidate set, and each sampled client's own history
+attached to its instruction after a resume.
 
 (Client-level DP samples by Poisson instead: :mod:`strategies.client_dp`.)
 """
@@ -44,6 +45,17 @@ def uniform_sample(
     if n > eligible:
         return [], eligible
     return client_manager.sample(num_clients=n, min_num_clients=min_available, criterion=Excluding(excluded)), eligible
+
+
+SELECTIONS = ("uniform", "power_of_choice")
+
+
+def power_of_choice(candidates: list[str], losses: dict[str, float], m: int) -> list[str]:
+    """The ``m`` candidates of highest loss (Cho, Wang, Joshi 2022, "Towards Understanding
+    Biased Client Selection in Federated Learning", AISTATS): a client whose loss is not
+    known yet counts as highest, so every client is tried; ties keep the candidates' order."""
+    order = sorted(range(len(candidates)), key=lambda i: (-losses.get(candidates[i], math.inf), i))
+    return [candidates[i] for i in order[:m]]
 
 
 def attach_histories(

@@ -142,6 +142,8 @@ def run_server(
         min_fit_results=plan.min_fit_results,
         evaluation=plan.release.evaluation,
         codec=plan.codec,
+        selection=str(fed.get("selection") or "uniform"),
+        selection_candidates=fed.get("selection_candidates"),
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)
