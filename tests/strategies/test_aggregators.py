@@ -1,3 +1,5 @@
+import inspect
+
 import numpy as np
 import pytest
 from flwr.server.strategy import aggregate as flwr_agg
@@ -208,6 +210,7 @@ RULE_PARAMS = {
     "multi_krum": {"num_malicious": 1, "num_selected": 3},
     "bulyan": {"num_malicious": 1},
     "centered_clipping": {"tau": 0.5, "iterations": 3},
+    "fednova": {"momentum": 0.5},
 }
 finite32 = st.floats(-1e3, 1e3, width=32)
 
@@ -224,8 +227,12 @@ def test_rules_are_permutation_invariant(name, seed, n, d):
     perm = np.random.default_rng(seed + 1).permutation(n)
     fn = get_aggregator(name)
     params = RULE_PARAMS[name]
-    out = fn(updates, weights, **params)
-    np.testing.assert_allclose(fn(updates[perm], weights[perm], **params), out, rtol=1e-5, atol=1e-5)
+    rows = {}
+    if "local_steps" in inspect.signature(fn).parameters:  # FedNova: one step count per row
+        rows["local_steps"] = np.random.default_rng(seed + 2).integers(1, 10, n).astype(np.float64)
+    out = fn(updates, weights, **params, **rows)
+    permuted = {k: v[perm] for k, v in rows.items()}
+    np.testing.assert_allclose(fn(updates[perm], weights[perm], **params, **permuted), out, rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)
@@ -409,8 +416,6 @@ def test_norm_bound_in_place_and_empty():
 
 
 def test_with_norm_bound_bounds_first_and_keeps_the_signature():
-    import inspect
-
     updates, weights = _updates(6, 9, d=12)
     before = updates.copy()
     bounded = with_norm_bound(centered_clipping, 0.1)
