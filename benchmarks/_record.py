@@ -13,6 +13,6 @@ OUT = Path(__file__).resolve().parent / "results"
 def save(name: str, table: str, payload: dict) -> None:
     print(table)
     OUT.mkdir(parents=True, exist_ok=True)
-    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])
+    command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
     (OUT / f"{name}.json").write_text(json.dumps({"command": command, **payload}, indent=2))
     (OUT / f"{name}.md").write_text(f"`{command}`\n\n{table}\n")
