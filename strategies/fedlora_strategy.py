@@ -445,9 +445,10 @@ class FedLoRAStrategy(Strategy):
         if self.evaluation == DP:
             # A client's own noisy error rate: post-processing of its release.
             for proxy, r in results:
-                if NOISY_CORRECT in r.metrics and float(r.metrics[NOISY_EXAMPLES]) > 0:
-                    rate = float(r.metrics[NOISY_CORRECT]) / float(r.metrics[NOISY_EXAMPLES])
-                    self.client_losses[proxy.cid] = 1.0 - min(1.0, max(0.0, rate))
+                if NOISY_CORRECT in r.metrics:
+                    rate = federated_accuracy([(float(r.metrics[NOISY_CORRECT]), float(r.metrics[NOISY_EXAMPLES]))])
+                    if rate is not None:
+                        self.client_losses[proxy.cid] = 1.0 - rate
             return self._aggregate_noisy_counts(server_round, [r for _, r in results])
         valid = [r for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
         total = sum(r.num_examples for r in valid)

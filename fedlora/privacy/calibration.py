@@ -120,20 +120,8 @@ def check_budget(target_epsilon: float, delta: float) -> None:
 def _noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
     # PRV's log(1 - q) at q = 1 is computed and discarded (see accounting.epsilon_from_history).
     with np.errstate(divide="ignore"):
-        return _opacus_noise_multiplier(eps, delta, q, steps, accountant)
-
-
-def _opacus_noise_multiplier(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return float(
-        get_noise_multiplier(
-            target_epsilon=eps,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
-        )
-    )
+        return float(get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.01))
 
 
 def _calibrated_sigma(eps: float, delta: float, q: float, steps: int, accountant: str) -> float:
