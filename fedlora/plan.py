@@ -27,6 +27,7 @@ from fedlora.core.units import CLIENT, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
 from fedlora.data.sources import TaskData
 from fedlora.leakage.canaries import CanaryPlan, audit_settings, plan_canaries
+from fedlora.models.ranks import RankPlan
 from fedlora.privacy import DPPlan, plan_sample_dp
 from fedlora.privacy.budgets import client_epsilon
 from fedlora.privacy.calibration import (
@@ -74,6 +75,7 @@ class ExperimentPlan:
     noise: NoiseSource
     canaries: CanaryPlan | None = None
     codec: Codec = Codec()  # how updates travel (the compression group)
+    ranks: RankPlan | None = None  # each client's LoRA rank, their aggregation and adaptation
 
     @property
     def unit(self) -> str:
@@ -187,6 +189,7 @@ def build_plan(cfg: Any) -> ExperimentPlan:
         noise=NoiseSource.from_config(cfg.privacy),
         canaries=canaries,
         codec=Codec.from_config(cfg),
+        ranks=RankPlan.from_config(cfg),
     )
 
 

@@ -33,6 +33,8 @@ class FitReply:
     declined: bool | None = None
     reason: str | None = None
     history_refused: str | None = None
+    # Where LoRA ranks vary: the components the update carries (fedlora.models.ranks).
+    lora_rank: int | None = None
     # Sample-level DP: the client's public plan and its own spend.
     epsilon: float | None = None
     delta: float | None = None

@@ -46,6 +46,7 @@ from flwr.server.strategy import Strategy
 from fedlora.client.state import EXPERIMENT_KEY
 from fedlora.core.arrays import unflatten
 from fedlora.core.compression import Codec
+from fedlora.models.ranks import RANK_CAP_KEY, LoRALayout, RankPlan, energy_rank, flexlora, svd_order
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
@@ -133,6 +134,8 @@ class FedLoRAStrategy(Strategy):
         codec: Codec | None = None,
         selection: str = "uniform",
         selection_candidates: int | None = None,
+        ranks: RankPlan | None = None,
+        layout: LoRALayout | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -165,6 +168,13 @@ class FedLoRAStrategy(Strategy):
         self.selection = str(selection)
         self.selection_candidates = selection_candidates
         self.client_losses: dict[str, float] = {}
+        # Heterogeneous / adaptive LoRA ranks (fedlora.models.ranks): the layout of the
+        # factors among the arrays, and the rank the next round's clients train at most.
+        self.ranks = ranks if ranks is not None and ranks.varies else None
+        self.layout = layout if self.ranks is not None else None
+        if self.ranks is not None and self.layout is None:
+            raise ValueError("heterogeneous or adaptive LoRA ranks need the adapter's layout")
+        self.rank_cap: int | None = None
         self.recorder = recorder
         self.on_round_start = on_round_start
         self.on_round_end = on_round_end
@@ -245,6 +255,8 @@ class FedLoRAStrategy(Strategy):
         # The strategy's own global adapter is canonical: a client-level DP round in
         # which nobody was sampled still moves it (by noise), which Flower never sees.
         config: dict[str, Scalar] = {"server_round": server_round, EXPERIMENT_KEY: self.experiment_id}
+        if self.rank_cap is not None:
+            config[RANK_CAP_KEY] = self.rank_cap
         ins = FitIns(ndarrays_to_parameters(self.global_arrays), config)
         self.bytes_down_per_client = payload_bytes(ins.parameters)
         self._instructions = attach_histories(sample(server_round, client_manager, ins), self.pending_histories,
@@ -307,7 +319,7 @@ class FedLoRAStrategy(Strategy):
     ) -> ReplyBatch:
         """The round's replies sorted (:func:`strategies.triage.triage`); what they tell
         about the federation (who declined, which node is which client) is kept."""
-        batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec)
+        batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec, self.layout)
         for info in batch.clients:
             self.node_clients[str(info["node_id"])] = str(info["cid"])
             # A client that replied holds its history; it needs none from us again.
@@ -397,6 +409,9 @@ class FedLoRAStrategy(Strategy):
             params["reference"] = self.reference
         if self._takes_report or self.norm_bound is not None:
             params["report"] = report
+        if self.ranks is not None and self.ranks.aggregation == "svd":
+            # FlexLoRA: the mean of the clients' products B_k A_k, refactored at the global rank.
+            return flexlora(self.global_arrays, updates, weights, batch.row_ranks, self.layout), report
         aggregate = self.aggregate(updates, weights, **params)
         if self._takes_reference:
             self.reference = np.asarray(aggregate, dtype=np.float32).copy()
@@ -406,7 +421,20 @@ class FedLoRAStrategy(Strategy):
         """The server step: the optimiser's move for ``aggregate`` added to the global adapter."""
         step = unflatten(self.optimizer.step(aggregate), self.global_arrays)
         self.global_arrays = [g + s for g, s in zip(self.global_arrays, step)]
+        if self.ranks is not None:
+            self._adapt_rank()
         return ndarrays_to_parameters(self.global_arrays)
+
+    def _adapt_rank(self) -> None:
+        """Under ``lora.adaptive_energy``: refactor the global adapter in singular-value
+        order (the same products B A), so that a cap drops the weakest directions, and cap
+        the next round's ranks at the smallest one holding that share of the energy."""
+        if self.ranks.adaptive_energy is not None:
+            self.global_arrays, spectra = svd_order(self.global_arrays, self.layout)
+            self.rank_cap = energy_rank(spectra, self.ranks.adaptive_energy)
+        self.notify("on_ranks", self.started_round, {
+            "global_rank": self.ranks.global_rank, "aggregation": self.ranks.aggregation,
+            "next_rank_cap": self.rank_cap})
 
     # -- state -------------------------------------------------------------------
     def end_round(self, server_round: int) -> None:
@@ -419,7 +447,7 @@ class FedLoRAStrategy(Strategy):
         # No generator state: every round draws fresh randomness (see NoiseSource).
         state = {"exhausted": sorted(self.exhausted), "experiment_id": self.experiment_id,
                  "started_round": max(self.started_round, server_round),
-                 "server_optimizer": self.optimizer.state()}
+                 "server_optimizer": self.optimizer.state(), "rank_cap": self.rank_cap}
         arrays = {} if self.reference is None else {"reference": self.reference}
         arrays.update(self.optimizer.state_arrays())
         return Checkpoint(round=server_round, global_arrays=list(self.global_arrays), state=state, arrays=arrays)
@@ -434,6 +462,8 @@ class FedLoRAStrategy(Strategy):
         self.experiment_id = str(ckpt.state.get("experiment_id") or self.experiment_id)
         self.reference = ckpt.arrays.get("reference")
         self.optimizer.restore(ckpt.state.get("server_optimizer") or {}, ckpt.arrays)
+        cap = ckpt.state.get("rank_cap")
+        self.rank_cap = None if cap is None else int(cap)
 
     def aggregate_evaluate(
         self,

@@ -8,13 +8,15 @@ every client (a target epsilon that needs more noise than the cap allows).
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
-from fedlora.attacks import malicious_clients
+from fedlora.attacks import get_attack, malicious_clients
 from fedlora.core.errors import ConfigError
-from fedlora.core.secure import check_secure
+from fedlora.core.secure import check_secure, secure_enabled
 from fedlora.core.units import CLIENT, NONE, SAMPLE, UNITS, unit_of
+from fedlora.models.ranks import RankPlan
 from fedlora.plan import ExperimentPlan, aggregator_name, aggregator_params, build_plan
 from fedlora.privacy.budgets import check_budgets
 from fedlora.privacy.calibration import check_budget, clients_per_round
@@ -79,6 +81,7 @@ def check_federation(cfg: Any, simulation: bool = True) -> None:
     if unit == CLIENT:
         check_client_dp_aggregator(aggregator_name(cfg.strategy))
     check_aggregator(cfg)
+    check_ranks(cfg)
     check_selection(cfg)
     check_secure(cfg, clients_per_round(cfg), robust=not getattr(
         get_aggregator(aggregator_name(cfg.strategy)), "client_dp_sensitivity", None))
@@ -105,6 +108,60 @@ def check_selection(cfg: Any) -> None:
     candidates = fed.get("selection_candidates")
     if candidates is not None and int(candidates) < 1:
         raise ConfigError("federation.selection_candidates", f"must be >= 1 (or null), got {candidates}")
+
+
+def check_ranks(cfg: Any) -> None:
+    """Heterogeneous / adaptive LoRA ranks (fedlora.models.ranks) in combinations that work."""
+    ranks = RankPlan.from_config(cfg)
+    if not ranks.varies:
+        return
+    setting = "federation.client_ranks" if ranks.heterogeneous else (
+        "lora.adaptive_energy" if ranks.adaptive_energy is not None else "lora.self_pruning")
+    if secure_enabled(cfg):
+        raise ConfigError(setting, "SecAgg+ sums updates of one length; clients of different ranks send different "
+                          "lengths. Use one rank (lora.r) with secure=secaggplus")
+    if bool(cfg.lora.get("freeze_a")):
+        raise ConfigError(setting, "FFA-LoRA (lora.freeze_a=true) trains B against one frozen rank-lora.r A for "
+                          "every client; use lora.freeze_a=false with heterogeneous or adaptive ranks")
+    if get_attack(str(cfg.attack.name)).colluding:
+        raise ConfigError(setting, f"attack={cfg.attack.name} pools the colluders' updates, which need one rank; "
+                          "use one rank (lora.r) for colluding attacks")
+    unit = unit_of(cfg)
+    if ranks.self_pruning is not None and unit == CLIENT:
+        raise ConfigError("lora.self_pruning", "a client's pruned rank depends on its own data and would travel "
+                          "outside the client-level mechanism; set lora.self_pruning=null with privacy=client")
+    refactors = ranks.aggregation == "svd" or ranks.adaptive_energy is not None
+    optimiser = str(cfg.strategy.get("server_optimizer") or "fedavg")
+    if refactors and optimiser != "fedavg":
+        raise ConfigError("strategy.server_optimizer", f"{optimiser} keeps moments per coordinate of the global "
+                          "adapter, which lora.aggregation=svd and lora.adaptive_energy refactor every round; "
+                          "use strategy.server_optimizer=fedavg")
+    if ranks.aggregation == "svd":
+        if aggregator_name(cfg.strategy) != "fedavg":
+            raise ConfigError("lora.aggregation", "svd (FlexLoRA) averages the clients' products B_k A_k with "
+                              "FedAvg weights; use strategy=fedavg, or lora.aggregation=zero_padding for a "
+                              "robust rule")
+        if unit == CLIENT:
+            raise ConfigError("lora.aggregation", "svd (FlexLoRA) is not the Gaussian mechanism on clipped updates "
+                              "that client-level DP accounts; use lora.aggregation=zero_padding with privacy=client")
+    if ranks.adaptive_energy is not None and "reference" in inspect.signature(
+            get_aggregator(aggregator_name(cfg.strategy))).parameters:
+        raise ConfigError("lora.adaptive_energy", "the rule keeps last round's aggregate as its reference, which "
+                          "the adaptive rank refactors; use a stateless rule or lora.adaptive_energy=null")
+
+
+def check_rank_fits(cfg: Any, bundle: Any) -> None:
+    """No LoRA rank above what a layer can hold (min of its input and output sizes)."""
+    ranks = RankPlan.from_config(cfg)
+    arrays = dict(bundle.model.named_parameters())
+    for a, b in bundle.layout.pairs:
+        out_size = int(arrays[bundle.names[b]].shape[0])
+        in_size = None if a is None else int(arrays[bundle.names[a]].shape[1])
+        limit = out_size if in_size is None else min(out_size, in_size)
+        if ranks.global_rank > limit:
+            setting = "federation.client_ranks" if ranks.client_ranks else "lora.r"
+            raise ConfigError(setting, f"rank {ranks.global_rank} exceeds what {bundle.names[b]} can hold "
+                              f"(min of its input and output sizes: {limit}); lower the rank to at most {limit}")
 
 
 def check_aggregator(cfg: Any) -> None:
@@ -156,5 +213,6 @@ def preflight(cfg: Any, simulation: bool = True) -> ExperimentPlan:
     plan = build_plan(cfg)
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
     bundle = get_bundle(cfg, plan.num_labels)
+    check_rank_fits(cfg, bundle)
     plan.task.check(bundle.tokenizer, plan.task_data(), cfg)
     return plan

@@ -144,6 +144,8 @@ def run_server(
         codec=plan.codec,
         selection=str(fed.get("selection") or "uniform"),
         selection_candidates=fed.get("selection_candidates"),
+        ranks=plan.ranks,
+        layout=bundle.layout,
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)

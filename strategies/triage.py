@@ -19,6 +19,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from fedlora.core.arrays import flatten, unflatten
 from fedlora.core.compression import Codec
+from fedlora.models.ranks import LoRALayout, pad, rank_of_arrays, truncate
 from fedlora.reply import FitReply
 from strategies.validation import validate_update
 
@@ -56,6 +57,8 @@ class ReplyBatch:
     row_cids: list[Any] = field(default_factory=list)
     # Each row's local steps as its reply states them (FedNova's normaliser).
     row_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Each row's LoRA rank before its padding to the global rank (fedlora.models.ranks).
+    row_ranks: list[int] = field(default_factory=list)
     declined_nodes: list[str] = field(default_factory=list)
     num_results: int = 0
     num_failures: int = 0
@@ -102,9 +105,13 @@ def triage(
     reference: list[np.ndarray],
     bytes_down: int,
     codec: Codec = Codec(),
+    layout: LoRALayout | None = None,
 ) -> ReplyBatch:
     """Sort a round's replies against the global adapter ``reference``; ``codec`` decodes
-    compressed updates first (a payload it cannot decode is a rejection)."""
+    compressed updates first (a payload it cannot decode is a rejection). With ``layout``
+    (ranks vary) each update carries the LoRA components its reply's ``lora_rank`` says,
+    is checked against that many of the global adapter's, and is zero-padded to its rank."""
+    global_rank = rank_of_arrays(reference, layout) if layout is not None else 0
     batch = ReplyBatch(num_results=len(results), num_failures=len(failures))
     rows: list[np.ndarray] = []
     weights: list[int] = []
@@ -121,13 +128,23 @@ def triage(
             info["accepted"] = False
             batch.clients.append(info)
             continue
-        arrays, reason = _decode(parameters_to_ndarrays(res.parameters), reference, codec)
-        reason = reason or validate_update(arrays, reference)
+        rank, expected, reason = global_rank, reference, None
+        if layout is not None:
+            valid = isinstance(reply.lora_rank, int) and not isinstance(reply.lora_rank, bool)
+            rank = reply.lora_rank if valid else -1
+            if not 1 <= rank <= global_rank:
+                reason = f"lora_rank must be an integer in [1, {global_rank}], got {reply.lora_rank!r}"
+            else:
+                expected = truncate(reference, layout, rank)
+        if reason is None:
+            arrays, reason = _decode(parameters_to_ndarrays(res.parameters), expected, codec)
+            reason = reason or validate_update(arrays, expected)
         if reason is None and res.num_examples <= 0:
             reason = f"num_examples must be positive, got {res.num_examples}"
         info["accepted"] = reason is None
         if reason is None:
-            rows.append(flatten(arrays))
+            rows.append(flatten(arrays if layout is None else pad(arrays, layout, global_rank)))
+            batch.row_ranks.append(rank)
             weights.append(res.num_examples)
             steps.append(int(reply.steps or 0))
             batch.row_cids.append(info["cid"])

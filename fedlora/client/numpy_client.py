@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.client import NumPyClient
 
 from fedlora.attacks import alie_z, get_attack
-from fedlora.client.state import EXPERIMENT_KEY, HISTORY_KEY, Residual, SpendLog, state_dir
+from fedlora.client.state import EXPERIMENT_KEY, HISTORY_KEY, OwnRank, Residual, SpendLog, state_dir
 from fedlora.client.training import (
     DPGenerators,
     TrainStats,
@@ -34,7 +34,8 @@ from fedlora.core.config import seed_for
 from fedlora.core.errors import ConfigError
 from fedlora.core.secure import prepare_update
 from fedlora.data import TaskData, client_split
-from fedlora.models.lora import get_arrays, set_arrays
+from fedlora.models.lora import get_arrays, rank_constraint, set_arrays
+from fedlora.models.ranks import RANK_CAP_KEY, pruned_rank, truncate
 from fedlora.plan import ExperimentPlan, config_key, weight_examples
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, noisy_counts
@@ -109,7 +110,8 @@ class LoRAClient(NumPyClient):
             rows = concatenate_datasets([rows, extra])
         return self.plan.task.encode(rows, bundle.tokenizer, self.cfg.model)
 
-    def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, pid: int, server_round: int):
+    def _train(self, bundle: ModelBundle, data, plan: DPPlan | None, pid: int, server_round: int,
+               constraint=None):
         """One round of local training from the loaded global adapter: optional linear
         probe, then the fine-tuning steps (DP-SGD when ``plan`` is set).
 
@@ -138,9 +140,10 @@ class LoRAClient(NumPyClient):
         # Under DP the plan fixes the steps (from the declared size, not the real one).
         n_tune = local_steps(len(data), cfg.train) if plan is None else plan.steps_per_round - plan.probe_steps
         if plan is None:
-            stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle, self.plan.task.loss)
+            stats = train_plain(bundle.model, data, cfg.train, n_tune, shuffle, self.plan.task.loss, constraint)
         else:
-            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, secret, self.plan.task.loss)
+            stats = train_dp(bundle.grad_sample_module(), data, cfg.train, plan, n_tune, secret, self.plan.task.loss,
+                             constraint)
         return probe, stats
 
     def _colluders_honest_deltas(self, bundle: ModelBundle, parameters, own: np.ndarray, server_round: int):
@@ -204,10 +207,20 @@ class LoRAClient(NumPyClient):
                                 "another round would exceed it")
                 self._privacy(reply, plan, history, spent)
                 return [np.zeros_like(np.asarray(p)) for p in parameters], 0, reply.to_metrics(self.plan.release)
-        probe, stats = self._train(bundle, data, plan, self.partition_id, server_round)
+        rank = self._round_rank(bundle, config)
+        constraint = None
+        if rank is not None:
+            # A rank-r client: the global adapter's first r components, the rest zero.
+            constraint = rank_constraint(bundle.model, bundle.names, rank)
+            constraint()
+        probe, stats = self._train(bundle, data, plan, self.partition_id, server_round, constraint)
         reply.steps, reply.probe_steps = probe.steps + stats.steps, probe.steps
         reply.train_loss = stats.loss if stats.steps else probe.loss
-        delta = subtract(get_arrays(bundle.model, bundle.names), [np.asarray(p) for p in parameters])
+        local = get_arrays(bundle.model, bundle.names)
+        delta = subtract(local, [np.asarray(p) for p in parameters])
+        if rank is not None:
+            delta = self._at_rank(bundle, local, delta, rank, config)
+            reply.lora_rank = rank
         if self.malicious:
             reply.attack = self.attack.name
             if self.attack.poisons_model:
@@ -224,6 +237,30 @@ class LoRAClient(NumPyClient):
             log.append([entry])
             self._privacy(reply, plan, history + [entry], after)
         return delta, self.num_examples, reply.to_metrics(self.plan.release)
+
+    def _round_rank(self, bundle: ModelBundle, config) -> int | None:
+        """This round's LoRA rank where ranks vary (None otherwise): the declared one, capped
+        by the server's adaptive rank (``rank_cap``) and by the client's own pruning."""
+        ranks = self.plan.ranks
+        if ranks is None or not ranks.varies:
+            return None
+        rank = min(ranks.rank_of(self.partition_id), int(config.get(RANK_CAP_KEY) or ranks.global_rank))
+        if ranks.self_pruning is not None:
+            rank = min(rank, self._rank_state(config).load(rank))
+        return rank
+
+    def _rank_state(self, config) -> OwnRank:
+        return OwnRank(self.state_dir, str(config.get(EXPERIMENT_KEY) or "experiment"), self.partition_id)
+
+    def _at_rank(self, bundle: ModelBundle, local, delta, rank: int, config) -> list[np.ndarray]:
+        """The delta of the first ``rank`` components (what travels). Under
+        ``lora.self_pruning`` the client also lowers its rank for later rounds when its
+        trailing components hold too little of the trained adapter's energy (HetLoRA);
+        that reads the trained, already noised adapter only: post-processing under DP."""
+        layout, ranks = bundle.layout, self.plan.ranks
+        if ranks.self_pruning is not None:
+            self._rank_state(config).save(pruned_rank(truncate(local, layout, rank), layout, ranks.self_pruning))
+        return truncate(delta, layout, rank)
 
     @staticmethod
     def _privacy(reply: FitReply, plan: DPPlan, history: list, spent: float) -> None:

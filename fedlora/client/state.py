@@ -140,3 +140,22 @@ class Residual:
         buffer = io.BytesIO()
         np.save(buffer, np.asarray(residual, dtype=np.float32), allow_pickle=False)
         write_atomic(self.path, buffer.getvalue())
+
+
+class OwnRank:
+    """A client's own LoRA rank after HetLoRA's self-pruning, kept on its disk: one integer,
+    replaced atomically whenever it changes."""
+
+    def __init__(self, root: Path | str, experiment_id: str, client: int | str) -> None:
+        self.path = experiment_dir(root, experiment_id) / f"client-{client}-rank.json"
+
+    def load(self, default: int) -> int:
+        if self.path.is_file():
+            try:
+                return max(1, int(json.loads(self.path.read_text())["rank"]))
+            except (ValueError, KeyError, TypeError):
+                pass
+        return int(default)
+
+    def save(self, rank: int) -> None:
+        write_atomic(self.path, json.dumps({"rank": int(rank)}).encode("utf-8"))

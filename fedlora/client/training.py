@@ -48,7 +48,8 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.Optimi
             (head if any(k in pname for k in HEAD_KEYS) else body).append(p)
     groups = [{"params": body}] if body else []
     if head:
-        groups.append({"params": head, "lr": float(head_lr) if head_lr is not None else lr})
+        groups.append({"params": head, "lr": float(head_lr) if head_lr is not None else lr,
+                       "weight_decay": head_weight_decay(train_cfg)})
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=float(train_cfg.momentum), weight_decay=wd)
     if name == "adam":
@@ -56,6 +57,19 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.Optimi
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r}; choose sgd, adam or adamw")
+
+
+def head_weight_decay(train_cfg: Any) -> float:
+    """``train.head_weight_decay`` (null = ``train.weight_decay``).
+
+    Under DP-SGD the noise of every step is a random walk in the head's weights: at the
+    default large head learning rate it dominates their norm, and with unit-norm features
+    a large norm is a large logit scale, so the head is confidently wrong where the noise
+    points (test loss rising while accuracy rises). Weight decay is a restoring force that
+    bounds the walk; it reads no data, so under DP it costs nothing.
+    """
+    value = train_cfg.get("head_weight_decay")
+    return float((train_cfg.get("weight_decay") or 0.0) if value is None else value)
 
 
 @dataclass
@@ -122,9 +136,21 @@ def _step(
     return float(loss.detach()) * n, n
 
 
-def _proximal(optimizer: torch.optim.Optimizer, train_cfg: Any) -> ProximalStep | None:
+def _after_step(optimizer: torch.optim.Optimizer, train_cfg: Any,
+                constraint: Callable[[], None] | None) -> Callable[[], None] | None:
+    """What runs after every step: FedProx's proximal step, then ``constraint`` (a
+    client's rank: its trailing LoRA components back to zero). Both act on the released
+    parameters only, never on data, so under DP-SGD they are post-processing."""
     mu = float(train_cfg.get("proximal_mu") or 0.0)
-    return ProximalStep(optimizer, mu) if mu > 0 else None
+    hooks = [h for h in (ProximalStep(optimizer, mu) if mu > 0 else None, constraint) if h is not None]
+    if len(hooks) < 2:
+        return hooks[0] if hooks else None
+
+    def both() -> None:
+        for hook in hooks:
+            hook()
+
+    return both
 
 
 def _run_steps(model, optimizer, loader, steps: int, loss_fn: LossFn, clip: float | None = None,
@@ -143,13 +169,15 @@ def _run_steps(model, optimizer, loader, steps: int, loss_fn: LossFn, clip: floa
 def train_plain(
     model: torch.nn.Module, data: TensorDataset, train_cfg: Any, steps: int, generator: torch.Generator,
     loss_fn: LossFn,
+    constraint: Callable[[], None] | None = None,
 ) -> TrainStats:
     loader = DataLoader(
         data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True, generator=generator
     )
     clip = train_cfg.get("max_grad_norm")
     optimizer = make_optimizer(model, train_cfg)
-    return _run_steps(model, optimizer, loader, steps, loss_fn, clip=clip, after=_proximal(optimizer, train_cfg))
+    return _run_steps(model, optimizer, loader, steps, loss_fn, clip=clip,
+                      after=_after_step(optimizer, train_cfg, constraint))
 
 
 def _dp_parts(
@@ -186,6 +214,7 @@ def train_dp(
     steps: int,
     generators: DPGenerators,
     loss_fn: LossFn,
+    constraint: Callable[[], None] | None = None,
 ) -> TrainStats:
     """``steps`` DP-SGD steps with Poisson sampling at ``plan.sample_rate``; every one
     releases noise, an empty batch included."""
@@ -195,7 +224,7 @@ def train_dp(
     # join the first clipped sum.
     optimizer.zero_grad(set_to_none=True)
     try:
-        return _run_steps(gsm, optimizer, loader, steps, loss_fn, after=_proximal(optimizer, train_cfg))
+        return _run_steps(gsm, optimizer, loader, steps, loss_fn, after=_after_step(optimizer, train_cfg, constraint))
     finally:
         optimizer.zero_grad(set_to_none=True)
 
@@ -228,7 +257,8 @@ def train_probe(
     the secret noise and Poisson masks, and an empty batch still releases noise.
     """
     lr = train_cfg.head_lr if train_cfg.head_lr is not None else train_cfg.lr
-    optimizer = torch.optim.SGD(head.parameters(), lr=float(lr), momentum=float(train_cfg.momentum))
+    optimizer = torch.optim.SGD(head.parameters(), lr=float(lr), momentum=float(train_cfg.momentum),
+                                weight_decay=head_weight_decay(train_cfg))
     data = TensorDataset(features, labels)
     if plan is None:
         loader = DataLoader(data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True,

@@ -10,6 +10,7 @@ the mean) and the update is half the size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,12 +55,18 @@ def lora_config(lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS, num_layer
     )
 
 
-def build_lora_model(base: PreTrainedModel, lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS) -> PeftModel:
+def build_lora_model(base: PreTrainedModel, lora_cfg: Any, task_type: TaskType = TaskType.SEQ_CLS,
+                     rank: int | None = None) -> PeftModel:
     """Wrap ``base`` (already on its device) with LoRA for PEFT's ``task_type``; A is
-    seeded, so identical everywhere."""
+    seeded, so identical everywhere. ``rank`` (default ``lora.r``) is the global rank of
+    heterogeneous clients (:mod:`fedlora.models.ranks`); the scaling stays ``alpha / lora.r``."""
     # Seed just before PEFT draws A so that every process gets the same factors.
     torch.manual_seed(int(lora_cfg.seed))
     config = lora_config(lora_cfg, task_type, getattr(base.config, "num_hidden_layers", None))
+    if rank is not None and rank != config.r:
+        # PEFT scales by lora_alpha / r: keep alpha / lora.r at every rank.
+        config.lora_alpha = config.lora_alpha * rank / config.r
+        config.r = int(rank)
     try:
         model = get_peft_model(base, config)
     except ValueError as err:
@@ -93,3 +100,24 @@ def set_arrays(model: torch.nn.Module, names: list[str], arrays: list[np.ndarray
                     f"adapter tensor {name}: shape {tuple(array.shape)} != {tuple(target.shape)}"
                 )
             target.copy_(torch.as_tensor(np.asarray(array), dtype=target.dtype))
+
+
+def rank_constraint(model: torch.nn.Module, names: list[str], rank: int) -> Callable[[], None]:
+    """A callable that sets every LoRA component from ``rank`` on (rows of A, columns of B)
+    to zero: the model is then exactly a rank-``rank`` LoRA model. With both factors of a
+    component zero its gradients are zero too, so per-example clipping sees only the
+    rank-``rank`` model; the DP noise Opacus adds to the zeroed components is discarded."""
+    params = dict(model.named_parameters())
+    tails = []
+    for name in names:
+        if "lora_A" in name:
+            tails.append(params[name][rank:])
+        elif "lora_B" in name:
+            tails.append(params[name][:, rank:])
+
+    def zero() -> None:
+        with torch.no_grad():
+            for tail in tails:
+                tail.zero_()
+
+    return zero

@@ -189,6 +189,11 @@ class RunRecorder:
         """SecAgg+ could not finish this round; it was collected unmasked (client-level DP)."""
         self._round(server_round)["secagg_halted"] = True
 
+    def on_ranks(self, server_round: int, ranks: dict[str, Any]) -> None:
+        """Heterogeneous / adaptive LoRA ranks: the global rank, the aggregation and the
+        rank cap the server chose for the next round (public: from the released aggregate)."""
+        self._round(server_round)["lora_ranks"] = ranks
+
     def on_aggregation(self, server_round: int, decisions: dict[str, Any]) -> None:
         """The aggregation rule, its parameters and its decisions by client id."""
         self._round(server_round)["aggregation"] = decisions

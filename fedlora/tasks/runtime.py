@@ -8,6 +8,7 @@ share a model.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlora.core.config import canonical_json
 from fedlora.models.lora import build_lora_model, trainable_names
+from fedlora.models.ranks import LoRALayout, RankPlan
 from fedlora.tasks import get_task
 
 
@@ -29,6 +31,11 @@ class ModelBundle:
     names: list[str]
     _gsm: GradSampleModule | None = None
     shards: OrderedDict = field(default_factory=OrderedDict)
+
+    @functools.cached_property
+    def layout(self) -> LoRALayout:
+        """Where the LoRA factors sit among ``names``."""
+        return LoRALayout.from_names(self.names)
 
     def grad_sample_module(self) -> GradSampleModule:
         """Opacus per-sample-gradient wrapper, built once (its hooks stay on the model)."""
@@ -42,7 +49,8 @@ _MAX_SHARDS = 64
 
 
 def model_key(cfg: Any, num_labels: int) -> str:
-    return canonical_json({"model": cfg.model, "lora": cfg.lora, "labels": num_labels, "seed": cfg.seed})
+    return canonical_json({"model": cfg.model, "lora": cfg.lora, "labels": num_labels, "seed": cfg.seed,
+                           "rank": RankPlan.from_config(cfg).global_rank})
 
 
 def get_bundle(cfg: Any, num_labels: int) -> ModelBundle:
@@ -52,7 +60,7 @@ def get_bundle(cfg: Any, num_labels: int) -> ModelBundle:
         task = get_task(cfg.model)
         tokenizer, base = task.load(cfg.model, num_labels, int(cfg.seed))
         base.to(task.device(cfg.model))  # on its device before PEFT wraps it (Opacus/PEFT pitfall)
-        model = build_lora_model(base, cfg.lora, task.peft_task_type)
+        model = build_lora_model(base, cfg.lora, task.peft_task_type, rank=RankPlan.from_config(cfg).global_rank)
         model.train()
         bundle = ModelBundle(tokenizer=tokenizer, model=model, names=trainable_names(model))
         _BUNDLES.clear()  # one experiment per process at a time: bound the memory

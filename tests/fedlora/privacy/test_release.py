@@ -62,7 +62,7 @@ def test_a_real_client_sends_exactly_the_documented_keys(tiny_cfg, tmp_path, uni
 
 
 def test_optional_keys_are_labels_not_statistics():
-    assert OPTIONAL_REPLY == {"attack", "declined", "reason", "history_refused"}
+    assert OPTIONAL_REPLY == {"attack", "declined", "reason", "history_refused", "lora_rank"}
 
 
 def test_a_client_level_round_publishes_no_participant():
