@@ -25,19 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # Rows: label -> overrides on top of the shared ones.
 METHODS: dict[str, list[str]] = {
     "FedAvg": [],
-    "FedAvg, no head weight decay (the earlier recipe)": ["train.head_weight_decay=0"],
-    "FedAvgM (momentum 0.9)": ["strategy.server_optimizer=fedavgm"],
-    "FedAdam (server lr 0.01)": ["strategy.server_optimizer=fedadam", "strategy.server_lr=0.01"],
-    "FedYogi (server lr 0.01)": ["strategy.server_optimizer=fedyogi", "strategy.server_lr=0.01"],
-    "FedProx (mu 0.1)": ["train.proximal_mu=0.1"],
-    "FedNova": ["strategy=fednova"],
-    "FFA-LoRA (A frozen)": ["lora.freeze_a=true"],
+    "int8": ["compression=int8"],
+    "top-k 10% + error feedback": ["compression=topk", "compression.fraction=0.1"],
     "ranks {2,4,8,16}, zero-padding (HetLoRA)": ["+federation.client_ranks=[2,4,8,16]"],
     "ranks {2,4,8,16}, SVD (FlexLoRA)": ["+federation.client_ranks=[2,4,8,16]", "lora.aggregation=svd"],
     "adaptive rank (90% energy, r <= 8)": ["lora.adaptive_energy=0.9"],
-    "int8": ["compression=int8"],
+    "FedAdam (server lr 0.01)": ["strategy.server_optimizer=fedadam", "strategy.server_lr=0.01"],
+    "FedYogi (server lr 0.01)": ["strategy.server_optimizer=fedyogi", "strategy.server_lr=0.01"],
+    "FedAvgM (momentum 0.9)": ["strategy.server_optimizer=fedavgm"],
+    "FedProx (mu 0.1)": ["train.proximal_mu=0.1"],
+    "FFA-LoRA (A frozen)": ["lora.freeze_a=true"],
+    "FedNova": ["strategy=fednova"],
     "int4": ["compression=int4"],
-    "top-k 10% + error feedback": ["compression=topk", "compression.fraction=0.1"],
     "power-of-choice selection (half the clients)": ["federation.selection=power_of_choice",
                                                      "federation.fraction_fit=0.5"],
 }
@@ -72,7 +71,14 @@ def main() -> None:
               "partition=dirichlet", f"partition.alpha={args.alpha}", *extra]
     chosen = {k: v for k, v in METHODS.items()
               if not args.only or any(k == o or k.split()[0] == o for o in args.only)}
-    rows = [{"method": label, **run([*shared, *overrides])} for label, overrides in chosen.items()]
+    rows = []
+    for label, overrides in chosen.items():
+        rows.append({"method": label, **run([*shared, *overrides])})
+        # Stored after every row: a long table is never lost to an interruption.
+        save("fedopt", table(rows), {"shared": shared, "rows": rows})
+
+
+def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["method"] == "FedAvg"), None)
     lines = ["| method | test accuracy | vs FedAvg (points) | test loss by round | KB up per client per round | "
              "vs FedAvg bytes | epsilon | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
@@ -85,10 +91,10 @@ def main() -> None:
         losses = " → ".join(f"{x:.3f}" for x in r["loss_by_round"])
         if r.get("rank_caps"):
             losses += f" (rank caps {r['rank_caps']})"
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {gap} | {losses} | {'–' if kb is None else f'{kb / 1e3:.1f}'} | "
+        kb_text = "–" if kb is None else f"{kb / 1e3:.1f}"
+        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {gap} | {losses} | {kb_text} | "
                      f"{ratio} | {eps} | {r['wall_s']:.0f} |")
-    save("fedopt", "\n".join(lines), {"shared": shared, "rows": rows})
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -48,8 +48,7 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.Optimi
             (head if any(k in pname for k in HEAD_KEYS) else body).append(p)
     groups = [{"params": body}] if body else []
     if head:
-        groups.append({"params": head, "lr": float(head_lr) if head_lr is not None else lr,
-                       "weight_decay": head_weight_decay(train_cfg)})
+        groups.append({"params": head, "lr": float(head_lr) if head_lr is not None else lr})
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=float(train_cfg.momentum), weight_decay=wd)
     if name == "adam":
@@ -57,19 +56,6 @@ def make_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.Optimi
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r}; choose sgd, adam or adamw")
-
-
-def head_weight_decay(train_cfg: Any) -> float:
-    """``train.head_weight_decay`` (null = ``train.weight_decay``).
-
-    Under DP-SGD the noise of every step is a random walk in the head's weights: at the
-    default large head learning rate it dominates their norm, and with unit-norm features
-    a large norm is a large logit scale, so the head is confidently wrong where the noise
-    points (test loss rising while accuracy rises). Weight decay is a restoring force that
-    bounds the walk; it reads no data, so under DP it costs nothing.
-    """
-    value = train_cfg.get("head_weight_decay")
-    return float((train_cfg.get("weight_decay") or 0.0) if value is None else value)
 
 
 @dataclass
@@ -257,8 +243,7 @@ def train_probe(
     the secret noise and Poisson masks, and an empty batch still releases noise.
     """
     lr = train_cfg.head_lr if train_cfg.head_lr is not None else train_cfg.lr
-    optimizer = torch.optim.SGD(head.parameters(), lr=float(lr), momentum=float(train_cfg.momentum),
-                                weight_decay=head_weight_decay(train_cfg))
+    optimizer = torch.optim.SGD(head.parameters(), lr=float(lr), momentum=float(train_cfg.momentum))
     data = TensorDataset(features, labels)
     if plan is None:
         loader = DataLoader(data, batch_size=min(int(train_cfg.batch_size), len(data)), shuffle=True,
