@@ -30,7 +30,7 @@ run: setup
 # Line coverage of fedlora/, strategies/ and simulations/, subprocesses included
 # (pyproject.toml, [tool.coverage.run]).
 test: setup
-	$(PY) -m pytest -q --cov --cov-report=term --cov-fail-under=90 $(ARGS)
+	$(PY) -m pytest -q --durations=15 --cov --cov-report=term --cov-fail-under=90 $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration" $(ARGS)

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from fedlora.attacks import malicious_clients
 from fedlora.core.compression import Codec
 from fedlora.core.config import canonical_json, seed_for
+from fedlora.core.profiles import Profiles
 from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
 from fedlora.core.units import CLIENT, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
@@ -76,6 +77,7 @@ class ExperimentPlan:
     canaries: CanaryPlan | None = None
     codec: Codec = Codec()  # how updates travel (the compression group)
     ranks: RankPlan | None = None  # each client's LoRA rank, their aggregation and adaptation
+    profiles: Profiles = Profiles()  # each client's declared speed and availability
 
     @property
     def unit(self) -> str:
@@ -190,6 +192,7 @@ def build_plan(cfg: Any) -> ExperimentPlan:
         canaries=canaries,
         codec=Codec.from_config(cfg),
         ranks=RankPlan.from_config(cfg),
+        profiles=Profiles.from_config(cfg),
     )
 
 

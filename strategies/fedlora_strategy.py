@@ -46,16 +46,28 @@ from flwr.server.strategy import Strategy
 from fedlora.client.state import EXPERIMENT_KEY
 from fedlora.core.arrays import unflatten
 from fedlora.core.compression import Codec
+from fedlora.core.config import seed_for
+from fedlora.core.profiles import Profiles
 from fedlora.models.ranks import RANK_CAP_KEY, LoRALayout, RankPlan, energy_rank, flexlora, svd_order
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
-from strategies.sampling import Excluding, attach_histories, how_many, power_of_choice, uniform_sample
+from strategies.sampling import (
+    Excluding,
+    attach_histories,
+    client_id,
+    how_many,
+    power_of_choice,
+    resource_aware,
+    uniform_sample,
+)
 from strategies.server_optimizers import ServerOptimizer
 from strategies.triage import ReplyBatch, payload_bytes, triage
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
 Sampler = Callable[[int, ClientManager, FitIns], list[tuple[ClientProxy, FitIns]]]
+
+SELECTION_SALT = 0x5E1EC
 
 __all__ = ["FedLoRAStrategy", "RoundFailed", "payload_bytes"]
 
@@ -136,6 +148,7 @@ class FedLoRAStrategy(Strategy):
         selection_candidates: int | None = None,
         ranks: RankPlan | None = None,
         layout: LoRALayout | None = None,
+        profiles: Profiles | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -168,6 +181,8 @@ class FedLoRAStrategy(Strategy):
         self.selection = str(selection)
         self.selection_candidates = selection_candidates
         self.client_losses: dict[str, float] = {}
+        # resource_aware: the clients' declared speed and availability (fedlora.core.profiles).
+        self.profiles = profiles or Profiles()
         # Heterogeneous / adaptive LoRA ranks (fedlora.models.ranks): the layout of the
         # factors among the arrays, and the rank the next round's clients train at most.
         self.ranks = ranks if ranks is not None and ranks.varies else None
@@ -282,6 +297,12 @@ class FedLoRAStrategy(Strategy):
         how = {"method": "uniform without replacement"}
         if self.selection == "power_of_choice":
             clients, how = self._power_of_choice(client_manager, clients, eligible)
+        elif self.selection == "resource_aware":
+            clients, how = self._resource_aware(client_manager, len(clients), server_round)
+            if len(clients) < self.min_fit_clients:
+                log(WARNING, "round %s: %s clients online with budget left, fewer than federation.min_fit_clients; "
+                    "no training", server_round, len(clients))
+                return []
         self.notify("on_sample", server_round, [c.cid for c in clients], **how,
                     fraction_fit=self.fraction_fit, eligible=eligible, excluded_out_of_budget=sorted(self.exhausted))
         return [(c, ins) for c in clients]
@@ -296,6 +317,18 @@ class FedLoRAStrategy(Strategy):
         by_node = {c.cid: c for c in candidates}
         picked = power_of_choice([c.cid for c in candidates], self.client_losses, m)
         return [by_node[n] for n in picked], {"method": "power of choice", "candidates": len(candidates)}
+
+    def _resource_aware(self, client_manager: ClientManager, m: int, server_round: int):
+        """``m`` of the clients online this round (by their declared availability), drawn
+        with probability proportional to their declared speed (:func:`resource_aware`)."""
+        pool = [c for c in client_manager.all().values() if c.cid not in self.exhausted]
+        ids = {c.cid: int(client_id(c, self.node_clients, server_round)) for c in pool}
+        online = [c.cid for c in pool if self.profiles.online(ids[c.cid], server_round)]
+        rng = np.random.default_rng(seed_for(self.profiles.seed, server_round, SELECTION_SALT))
+        picked = resource_aware(online, {n: self.profiles.of(ids[n]).speed for n in online}, m, rng)
+        by_node = {c.cid: c for c in pool}
+        return [by_node[n] for n in picked], {"method": "resource-aware (declared speed and availability)",
+                                              "online": len(online)}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

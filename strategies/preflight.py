@@ -14,6 +14,7 @@ from typing import Any
 
 from fedlora.attacks import get_attack, malicious_clients
 from fedlora.core.errors import ConfigError
+from fedlora.core.profiles import Profiles
 from fedlora.core.secure import check_secure, secure_enabled
 from fedlora.core.units import CLIENT, NONE, SAMPLE, UNITS, unit_of
 from fedlora.models.ranks import RankPlan
@@ -94,6 +95,14 @@ def check_selection(cfg: Any) -> None:
     selection = str(fed.get("selection") or "uniform")
     if selection not in SELECTIONS:
         raise ConfigError("federation.selection", f"unknown policy {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    if selection == "resource_aware":
+        Profiles.from_config(cfg)  # valid profiles
+        if unit_of(cfg) == CLIENT:
+            raise ConfigError(
+                "federation.selection", "resource_aware draws clients with unequal probabilities, but client-level "
+                "DP's accountant assumes one Poisson rate for every client; use selection=uniform with "
+                "privacy=client")
+        return
     if selection != "power_of_choice":
         return
     if unit_of(cfg) == CLIENT:

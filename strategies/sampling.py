@@ -1,5 +1,6 @@
-"""Who trains this round: uniform sampling of the clients with budget left, or
-power-of-choice over a uniform candidate set, and each sampled client's own history
+"""Who trains this round: uniform sampling of the clients with budget left,
+power-of-choice over a uniform candidate set, or a resource- and availability-aware
+draw from the clients' declared profiles; and each sampled client's own history
 attached to its instruction after a resume.
 
 (Client-level DP samples by Poisson instead: :mod:`strategies.client_dp`.)
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 from flwr.common import FitIns, GetPropertiesIns
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -47,7 +49,7 @@ def uniform_sample(
     return client_manager.sample(num_clients=n, min_num_clients=min_available, criterion=Excluding(excluded)), eligible
 
 
-SELECTIONS = ("uniform", "power_of_choice")
+SELECTIONS = ("uniform", "power_of_choice", "resource_aware")
 
 
 def power_of_choice(candidates: list[str], losses: dict[str, float], m: int) -> list[str]:
@@ -56,6 +58,31 @@ def power_of_choice(candidates: list[str], losses: dict[str, float], m: int) -> 
     known yet counts as highest, so every client is tried; ties keep the candidates' order."""
     order = sorted(range(len(candidates)), key=lambda i: (-losses.get(candidates[i], math.inf), i))
     return [candidates[i] for i in order[:m]]
+
+
+def resource_aware(online: list[str], speeds: dict[str, float], m: int, rng: np.random.Generator) -> list[str]:
+    """``m`` of the ``online`` clients without replacement, each draw with probability
+    proportional to the client's declared speed: resource-aware selection in the spirit
+    of FedCS (Nishio, Yonetani 2019, "Client Selection for Federated Learning with
+    Heterogeneous Resources in Mobile Edge", ICC), which favours clients that finish a
+    round sooner, softened to a weighted draw so that slow clients' data still
+    contributes. Offline clients are never drawn."""
+    if m >= len(online):
+        return list(online)
+    weights = np.asarray([speeds[c] for c in online], dtype=np.float64)
+    picked = rng.choice(len(online), size=m, replace=False, p=weights / weights.sum())
+    return [online[i] for i in sorted(picked)]
+
+
+def client_id(proxy: ClientProxy, node_clients: dict[str, str], server_round: int) -> str:
+    """The client id behind a node: known from its replies, else asked once
+    (get_properties) and remembered in ``node_clients``."""
+    cid = node_clients.get(proxy.cid)
+    if cid is None:
+        res = proxy.get_properties(GetPropertiesIns({}), timeout=None, group_id=server_round)
+        cid = str(res.properties.get("partition_id", ""))
+        node_clients[proxy.cid] = cid
+    return cid
 
 
 def attach_histories(
@@ -71,12 +98,7 @@ def attach_histories(
         return instructions
     out = []
     for proxy, ins in instructions:
-        cid = node_clients.get(proxy.cid)
-        if cid is None:
-            res = proxy.get_properties(GetPropertiesIns({}), timeout=None, group_id=server_round)
-            cid = str(res.properties.get("partition_id", ""))
-            node_clients[proxy.cid] = cid
-        history = histories.get(cid)
+        history = histories.get(client_id(proxy, node_clients, server_round))
         if history:
             ins = FitIns(ins.parameters, {**ins.config, HISTORY_KEY: json.dumps(history)})
         out.append((proxy, ins))

@@ -146,6 +146,7 @@ def run_server(
         selection_candidates=fed.get("selection_candidates"),
         ranks=plan.ranks,
         layout=bundle.layout,
+        profiles=plan.profiles,
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)

@@ -207,7 +207,7 @@ class LoRAClient(NumPyClient):
                                 "another round would exceed it")
                 self._privacy(reply, plan, history, spent)
                 return [np.zeros_like(np.asarray(p)) for p in parameters], 0, reply.to_metrics(self.plan.release)
-        rank = self._round_rank(bundle, config)
+        rank = self._round_rank(config)
         constraint = None
         if rank is not None:
             # A rank-r client: the global adapter's first r components, the rest zero.
@@ -238,7 +238,7 @@ class LoRAClient(NumPyClient):
             self._privacy(reply, plan, history + [entry], after)
         return delta, self.num_examples, reply.to_metrics(self.plan.release)
 
-    def _round_rank(self, bundle: ModelBundle, config) -> int | None:
+    def _round_rank(self, config) -> int | None:
         """This round's LoRA rank where ranks vary (None otherwise): the declared one, capped
         by the server's adaptive rank (``rank_cap``) and by the client's own pruning."""
         ranks = self.plan.ranks

@@ -95,7 +95,8 @@ class RankPlan:
             if not options:
                 raise ConfigError("federation.client_rank_choices", "give at least one rank")
             # Seeded: every node draws the same ranks from the experiment seed.
-            ranks = [options[int(np.random.default_rng(seed_for(cfg.get("seed", 0), pid, RANK_SALT)).integers(len(options)))]
+            seed = cfg.get("seed", 0)
+            ranks = [options[int(np.random.default_rng(seed_for(seed, pid, RANK_SALT)).integers(len(options)))]
                      for pid in range(n)]
         else:
             ranks = []
@@ -168,23 +169,18 @@ def pad(arrays: Sequence[np.ndarray], layout: LoRALayout, rank: int) -> list[np.
 
 def mask(arrays: Sequence[np.ndarray], layout: LoRALayout, r: int) -> list[np.ndarray]:
     """The arrays with every component from ``r`` on set to zero (shapes kept)."""
-    return pad(truncate(arrays, layout, r), layout, _rank(arrays, layout))
-
-
-def _rank(arrays: Sequence[np.ndarray], layout: LoRALayout) -> int:
-    a, b = layout.pairs[0]
-    return int(np.asarray(arrays[b]).shape[1])
+    return pad(truncate(arrays, layout, r), layout, rank_of_arrays(arrays, layout))
 
 
 def rank_of_arrays(arrays: Sequence[np.ndarray], layout: LoRALayout) -> int:
     """The number of components the arrays carry (0 without LoRA pairs)."""
-    return _rank(arrays, layout) if layout.pairs else 0
+    return int(np.asarray(arrays[layout.pairs[0][1]]).shape[1]) if layout.pairs else 0
 
 
 def component_energy(arrays: Sequence[np.ndarray], layout: LoRALayout) -> np.ndarray:
     """Per component j, the squared Frobenius norm of its contribution ``B[:, j] A[j]``
     summed over the LoRA pairs (``||B[:, j]||^2 ||A[j]||^2``; with A frozen, ``||B[:, j]||^2``)."""
-    energy = np.zeros(_rank(arrays, layout))
+    energy = np.zeros(rank_of_arrays(arrays, layout))
     for a, b in layout.pairs:
         col = np.square(np.asarray(arrays[b], dtype=np.float64)).sum(axis=0)
         row = np.ones_like(col) if a is None else np.square(np.asarray(arrays[a], dtype=np.float64)).sum(axis=1)
@@ -227,7 +223,7 @@ def svd_order(arrays: Sequence[np.ndarray], layout: LoRALayout) -> tuple[list[np
     ``A = sqrt(S) V^T``), and each pair's singular values."""
     out = [np.asarray(x, dtype=np.float32).copy() for x in arrays]
     spectra = []
-    rank = _rank(arrays, layout)
+    rank = rank_of_arrays(arrays, layout)
     for a, b in layout.pairs:
         u, s, vt = _product_svd(np.asarray(arrays[b], np.float64), np.asarray(arrays[a], np.float64))
         new_b, new_a = _factor(u, s, vt, rank)
@@ -268,7 +264,7 @@ def flexlora(global_arrays: Sequence[np.ndarray], updates: np.ndarray, weights: 
     flat_global = np.concatenate([np.asarray(g, np.float64).ravel() for g in global_arrays])
     mean_delta = (w[:, None] * updates.astype(np.float64)).sum(axis=0)
     new = flat_global + mean_delta
-    rank = _rank(global_arrays, layout)
+    rank = rank_of_arrays(global_arrays, layout)
 
     def tensor(row: np.ndarray, i: int) -> np.ndarray:
         return row[offsets[i]:offsets[i + 1]].reshape(shapes[i])

@@ -266,17 +266,21 @@ def test_a_server_killed_before_aggregating_cannot_make_clients_forget_their_spe
 
 def test_heterogeneous_ranks_with_flexlora_and_an_adaptive_rank(tmp_path):
     """Clients of ranks 2 and 8 under sample-level DP, FlexLoRA's SVD aggregation and an
-    adaptive cap: every update carries its client's rank, the cap of every round is
-    recorded, and the exported adapter loads with stock PEFT at the global rank."""
+    adaptive cap, chosen by resource-aware selection: every update carries its client's
+    rank, the cap of every round is recorded, and the exported adapter loads with stock
+    PEFT at the global rank."""
     from peft import PeftConfig
 
     _, res = _run(
         tmp_path, "privacy=sample", "federation.num_clients=3", "federation.rounds=2",
         "+federation.client_ranks=[2,8,8]", "lora.r=8", "lora.aggregation=svd", "lora.adaptive_energy=0.5",
+        # Resource-aware selection asks each simulated node for its client id.
+        "federation.selection=resource_aware", "federation.profiles=[{speed:2,availability:1}]",
     )
     for r in (r for r in res["rounds"] if r["round"] > 0):
         ranks = {c["cid"]: c["lora_rank"] for c in r["clients"]}
         assert ranks[0] == 2 and r["num_accepted"] == 3
+        assert r["sampled"]["method"].startswith("resource-aware") and r["sampled"]["online"] == 3
         assert r["lora_ranks"]["global_rank"] == 8 and r["lora_ranks"]["aggregation"] == "svd"
         assert 1 <= r["lora_ranks"]["next_rank_cap"] <= 8
     first, second = (r for r in res["rounds"] if r["round"] > 0)
