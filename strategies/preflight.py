@@ -159,9 +159,8 @@ def check_ranks(cfg: Any) -> None:
                           "the adaptive rank refactors; use a stateless rule or lora.adaptive_energy=null")
 
 
-def check_rank_fits(cfg: Any, bundle: Any) -> None:
+def check_rank_fits(ranks: RankPlan, bundle: Any) -> None:
     """No LoRA rank above what a layer can hold (min of its input and output sizes)."""
-    ranks = RankPlan.from_config(cfg)
     arrays = dict(bundle.model.named_parameters())
     for a, b in bundle.layout.pairs:
         out_size = int(arrays[bundle.names[b]].shape[0])
@@ -222,6 +221,6 @@ def preflight(cfg: Any, simulation: bool = True) -> ExperimentPlan:
     plan = build_plan(cfg)
     # Loads (and caches) the model the server evaluates: an unknown model fails here.
     bundle = get_bundle(cfg, plan.num_labels)
-    check_rank_fits(cfg, bundle)
+    check_rank_fits(plan.ranks, bundle)
     plan.task.check(bundle.tokenizer, plan.task_data(), cfg)
     return plan
