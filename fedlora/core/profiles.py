@@ -52,7 +52,7 @@ class Profiles:
         raw = (cfg.get("federation") or {}).get("profiles")
         if raw is None:
             return cls(seed=int(cfg.get("seed", 0)))
-        if isinstance(raw, dict) or hasattr(raw, "keys"):
+        if hasattr(raw, "keys"):  # one profile for every client
             raw = [raw]
         profiles = []
         for i, item in enumerate(raw):

@@ -48,19 +48,21 @@ _BUNDLES: dict[str, ModelBundle] = {}
 _MAX_SHARDS = 64
 
 
-def model_key(cfg: Any, num_labels: int) -> str:
+def model_key(cfg: Any, num_labels: int, rank: int) -> str:
     return canonical_json({"model": cfg.model, "lora": cfg.lora, "labels": num_labels, "seed": cfg.seed,
-                           "rank": RankPlan.from_config(cfg).global_rank})
+                           "rank": rank})
 
 
 def get_bundle(cfg: Any, num_labels: int) -> ModelBundle:
-    key = model_key(cfg, num_labels)
+    # The global LoRA rank (the largest client rank), derived once per call.
+    rank = RankPlan.from_config(cfg).global_rank
+    key = model_key(cfg, num_labels, rank)
     bundle = _BUNDLES.get(key)
     if bundle is None:
         task = get_task(cfg.model)
         tokenizer, base = task.load(cfg.model, num_labels, int(cfg.seed))
         base.to(task.device(cfg.model))  # on its device before PEFT wraps it (Opacus/PEFT pitfall)
-        model = build_lora_model(base, cfg.lora, task.peft_task_type, rank=RankPlan.from_config(cfg).global_rank)
+        model = build_lora_model(base, cfg.lora, task.peft_task_type, rank=rank)
         model.train()
         bundle = ModelBundle(tokenizer=tokenizer, model=model, names=trainable_names(model))
         _BUNDLES.clear()  # one experiment per process at a time: bound the memory
