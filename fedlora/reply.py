@@ -9,6 +9,7 @@ and records it with :meth:`FitReply.as_record`. Nobody else spells a key.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -72,6 +73,15 @@ class FitReply:
     def as_record(self) -> dict[str, Any]:
         """The set fields, for the run record (``cid`` is the client id)."""
         return {"cid": self.partition_id, **{k: v for k, v in asdict(self).items() if v is not None}}
+
+
+def reported_float(value: Any) -> float:
+    """A number a client reported, as a float: NaN where it is none (a report to flag,
+    never a crash of the server)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
 
 
 REPLY_FIELDS = frozenset(f.name for f in fields(FitReply))

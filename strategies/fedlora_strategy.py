@@ -51,6 +51,7 @@ from fedlora.core.profiles import Profiles
 from fedlora.models.ranks import RANK_CAP_KEY, LoRALayout, RankPlan, energy_rank, flexlora, svd_order
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
+from fedlora.reply import reported_float
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
 from strategies.sampling import (
     Excluding,
@@ -62,7 +63,9 @@ from strategies.sampling import (
     uniform_sample,
 )
 from strategies.server_optimizers import ServerOptimizer
+from strategies.client_reports import summarise
 from strategies.triage import ReplyBatch, payload_bytes, triage
+from strategies.weighting import REPORTED, ClientWeights
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
 Sampler = Callable[[int, ClientManager, FitIns], list[tuple[ClientProxy, FitIns]]]
@@ -149,6 +152,7 @@ class FedLoRAStrategy(Strategy):
         ranks: RankPlan | None = None,
         layout: LoRALayout | None = None,
         profiles: Profiles | None = None,
+        weighting: ClientWeights | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -190,6 +194,10 @@ class FedLoRAStrategy(Strategy):
         if self.ranks is not None and self.layout is None:
             raise ValueError("heterogeneous or adaptive LoRA ranks need the adapter's layout")
         self.rank_cap: int | None = None
+        # The weights the rule uses (strategies.weighting): the ServerApp passes the
+        # configured one (by default each claim bounded by what the plan knows); a strategy
+        # built without one takes the claims as sent.
+        self.weighting = weighting or ClientWeights(rule=REPORTED)
         self.recorder = recorder
         self.on_round_start = on_round_start
         self.on_round_end = on_round_end
@@ -389,6 +397,7 @@ class FedLoRAStrategy(Strategy):
         error = None
         decisions: dict[str, Any] = {}
         if batch.num_accepted:
+            self._trust_weights(server_round, batch)
             start = time.perf_counter()
             try:
                 aggregate, report = self._robust_aggregate(batch)
@@ -417,6 +426,17 @@ class FedLoRAStrategy(Strategy):
             metrics["aggregation_error"] = error
         self.end_round(server_round)
         return new_params, metrics
+
+    def _trust_weights(self, server_round: int, batch: ReplyBatch) -> None:
+        """Replace the claimed example counts by the weights the server grants
+        (``strategy.weighting``) and record every claim it bounded."""
+        batch.weights, bounded = self.weighting.apply(batch.weights, batch.row_cids)
+        for item in bounded:
+            self._log_participant(WARNING, "round %s: client %s claimed %g examples; weighted as %g "
+                                  "(strategy.weighting=%s)", server_round, item["cid"], item["claimed"],
+                                  item["used"], self.weighting.rule)
+        if bounded:
+            self.notify("on_weights", server_round, bounded)
 
     def _fail_round(self, server_round: int, batch: ReplyBatch) -> None:
         reasons = "; ".join(sorted({str(r.get("reason")) for r in batch.rejected}))
@@ -506,36 +526,52 @@ class FedLoRAStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         server_round += self.round_offset
         if self.evaluation == DP:
-            # A client's own noisy error rate: post-processing of its release.
-            for proxy, r in results:
-                if NOISY_CORRECT in r.metrics:
-                    rate = federated_accuracy([(float(r.metrics[NOISY_CORRECT]), float(r.metrics[NOISY_EXAMPLES]))])
-                    if rate is not None:
-                        self.client_losses[proxy.cid] = 1.0 - rate
-            return self._aggregate_noisy_counts(server_round, [r for _, r in results])
-        valid = [r for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
-        total = sum(r.num_examples for r in valid)
-        if total == 0:
+            return self._aggregate_noisy_counts(server_round, results)
+        valid = [(proxy, r) for proxy, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
+        if not valid:
             return None, {}
-        loss = sum(r.loss * r.num_examples for r in valid) / total
-        acc = sum(float(r.metrics.get("accuracy", 0.0)) * r.num_examples for r in valid) / total
-        self.client_losses.update({proxy.cid: float(r.loss) for proxy, r in results
-                                   if r.num_examples > 0 and math.isfinite(r.loss)})
+        # Each client's claims, summarised by their median (strategies.client_reports): a
+        # weighted mean would follow one client claiming loss 0 on 10^9 examples.
+        cids = [self._reporter(proxy, r) for proxy, r in valid]
+        loss = summarise({c: float(r.loss) for c, (_, r) in zip(cids, valid)})
+        acc = summarise({c: reported_float(r.metrics.get("accuracy")) for c, (_, r) in zip(cids, valid)})
+        self.client_losses.update({proxy.cid: float(r.loss) for proxy, r in valid})
+        outliers = sorted(set(loss.outliers) | set(acc.outliers))
+        self._flag_outliers(server_round, outliers)
         if self.recorder is not None:
-            self.recorder.on_federated_evaluate(server_round, loss, acc, len(valid))
-        return loss, {"accuracy": acc}
+            self.recorder.on_federated_evaluate(server_round, loss.median, acc.median, len(valid), outliers=outliers)
+        return loss.median, ({} if acc.median is None else {"accuracy": acc.median})
 
-    def _aggregate_noisy_counts(self, server_round: int, results: list[EvaluateRes]):
-        """``privacy.evaluation=dp``: the accuracy from the clients' noisy counts (their sum
-        ratio, post-processing); every release's spend joins the ledger."""
-        released = [r.metrics for r in results if NOISY_CORRECT in r.metrics and NOISY_EXAMPLES in r.metrics]
-        acc = federated_accuracy((float(m[NOISY_CORRECT]), float(m[NOISY_EXAMPLES])) for m in released)
+    def _reporter(self, proxy: ClientProxy, res: EvaluateRes) -> str:
+        return str(res.metrics.get("partition_id", self.node_clients.get(str(proxy.cid), proxy.cid)))
+
+    def _flag_outliers(self, server_round: int, outliers: list[str]) -> None:
+        for cid in outliers:
+            self._log_participant(WARNING, "round %s: client %s reported evaluation numbers far from the other "
+                                  "clients' (an outlier; the median is what the run reports)", server_round, cid)
+
+    def _aggregate_noisy_counts(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]]):
+        """``privacy.evaluation=dp``: each client's noisy accuracy from its noisy counts
+        (post-processing of its release), their median the federation's; every
+        release's spend joins the ledger."""
+        released = [(proxy, r.metrics) for proxy, r in results
+                    if NOISY_CORRECT in r.metrics and NOISY_EXAMPLES in r.metrics]
+        rates = {}
+        for proxy, m in released:
+            rate = federated_accuracy([(reported_float(m[NOISY_CORRECT]), reported_float(m[NOISY_EXAMPLES]))])
+            if rate is not None:
+                rates[str(m.get("partition_id", proxy.cid))] = rate
+                self.client_losses[proxy.cid] = 1.0 - rate
+        acc = summarise(rates)
+        self._flag_outliers(server_round, list(acc.outliers))
         if self.recorder is not None:
             clients = [{"cid": str(m.get("partition_id")), "privacy_unit": m.get("privacy_unit"),
                         "delta": m.get("delta"), "dp_history": json.loads(str(m["dp_history"]))}
-                       for m in released if m.get("dp_history")]
-            self.recorder.on_federated_evaluate(server_round, None, acc, len(released), mode=DP, clients=clients)
-        return None, ({} if acc is None else {"accuracy": acc})
+                       for _, m in released if m.get("dp_history")]
+            self.recorder.on_federated_evaluate(server_round, None, acc.median, len(released), mode=DP,
+                                                clients=clients, outliers=list(acc.outliers))
+        return None, ({} if acc.median is None else {"accuracy": acc.median})
+
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         server_round += self.round_offset
         if self.evaluate_fn is None:

@@ -27,6 +27,7 @@ from fedlora.tasks.runtime import get_bundle
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
 from strategies.sampling import SELECTIONS
 from strategies.server_optimizers import from_config as server_optimizer
+from strategies.weighting import client_weights
 
 
 def backend_cpus(cfg: Any) -> int:
@@ -183,6 +184,7 @@ def check_aggregator(cfg: Any) -> None:
     if bound is not None and not float(bound) > 0:
         raise ConfigError("strategy.norm_bound", f"must be > 0 (or null), got {bound}")
     server_optimizer(cfg.strategy)  # a known optimiser with valid parameters
+    client_weights(cfg.strategy, {})  # a known weighting with valid maxima
     if name not in AGGREGATORS:
         return  # a user's rule: its own checks run when it is called
     params = aggregator_params(cfg.strategy)

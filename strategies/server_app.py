@@ -46,6 +46,7 @@ from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.preflight import preflight
 from strategies.secagg import secagg_workflow
 from strategies.server_optimizers import from_config as server_optimizer
+from strategies.weighting import client_weights
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -147,6 +148,7 @@ def run_server(
         ranks=plan.ranks,
         layout=bundle.layout,
         profiles=plan.profiles,
+        weighting=client_weights(cfg.strategy, {c.client: c.num_examples for c in plan.clients}),
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)
@@ -222,9 +224,13 @@ def deployed_config(run_config: dict[str, Any], run_id: int) -> tuple[Any, Path,
     """Config, run dir and resume flag of a ``flwr run``: the run config's Hydra
     overrides composed on the same ``conf/`` tree as simulations. To resume, the
     overrides must give the run dir's own config.yaml (the ClientApps compose the same
-    overrides, so a different config would train different clients). Bad input raises
-    ConfigError naming the fix."""
-    run_dir = Path(str(run_config.get("run-dir", "") or f"outputs/flwr-run-{run_id}")).resolve()
+    overrides, so a different config would train different clients). The run dir comes
+    from the submitter and the ServerApp writes as the SuperLink's user, so it must lie
+    under the SuperLink's runs root (``FEDLORA_RUNS_ROOT``, default ./outputs), checked
+    before anything is read or written. Bad input raises ConfigError naming the fix."""
+    from fedlora.deploy.runs import confine_run_dir, runs_root
+
+    run_dir = confine_run_dir(str(run_config.get("run-dir", "") or f"flwr-run-{run_id}"), runs_root())
     resume = bool(run_config.get("resume", False))
     overrides = str(run_config.get("overrides", ""))
     cfg = compose_overrides(overrides)

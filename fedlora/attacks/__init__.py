@@ -2,8 +2,9 @@
 aggregators' (:mod:`strategies.aggregators`).
 
 An :class:`Attack` says what a malicious client does: replace its honest delta
-(model poisoning; ``colluding`` attacks also get the colluders' honest deltas) or
-poison its own rows before training (data poisoning). Built-in attacks are in
+(model poisoning; ``colluding`` attacks also get the colluders' honest deltas),
+poison its own rows before training (data poisoning), claim another example count
+than it has (weight inflation), or lie in what it reports (metric poisoning). Built-in attacks are in
 :mod:`fedlora.attacks.poisoning`; a user's own attack registers with :func:`register`
 or is named by dotted path (``attack.name=my_pkg.my_module.MY_ATTACK``), an
 :class:`Attack` or a plain function ``(delta, params, rng, honest) -> delta``.
@@ -24,16 +25,22 @@ from fedlora.core.errors import ConfigError
 PoisonDelta = Callable[[np.ndarray, Any, np.random.Generator, "np.ndarray | None"], np.ndarray]
 # (labels, number of labels) -> poisoned labels
 PoisonLabels = Callable[[np.ndarray, int], np.ndarray]
+# (its real example count, attack config) -> the count it claims
+ClaimExamples = Callable[[int, Any], int]
+# (what it would report honestly, attack config) -> what it reports
+PoisonReport = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class Attack:
-    """One attack: at most one of its two poisons may be unset."""
+    """One attack: any of its poisons may be unset."""
 
     name: str
     poison_delta: PoisonDelta | None = None
     poison_labels: PoisonLabels | None = None
     colluding: bool = False
+    claim_examples: ClaimExamples | None = None
+    poison_report: PoisonReport | None = None
 
     @property
     def poisons_model(self) -> bool:
@@ -42,6 +49,14 @@ class Attack:
     @property
     def poisons_data(self) -> bool:
         return self.poison_labels is not None
+
+    def claimed_examples(self, real: int, params: Any) -> int:
+        """The example count the client sends (its real one unless the attack lies)."""
+        return real if self.claim_examples is None else int(self.claim_examples(real, params))
+
+    def report(self, honest: dict[str, Any], params: Any) -> dict[str, Any]:
+        """What the client reports (metrics, its epsilon) instead of ``honest``."""
+        return honest if self.poison_report is None else self.poison_report(dict(honest), params)
 
 
 ATTACKS: dict[str, Attack] = {}

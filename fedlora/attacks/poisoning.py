@@ -22,6 +22,17 @@ stays realistic.
 Data poisoning: ``label_flip`` maps label ``y`` to ``num_labels - 1 - y`` on the
 malicious clients' own data (Fang et al. 2020; Tolpegin et al. 2020).
 
+Lying about the reply rather than the update:
+
+- ``weight_inflation``: a sign-flipped update that claims ``claimed_examples`` (10^9)
+  training examples, so that example-weighted FedAvg gives it all the weight (the
+  server's answer is :mod:`strategies.weighting`).
+- ``metric_poisoning``: an honest update, but federated evaluation reports loss 0 and
+  accuracy 1.0 (under ``privacy.evaluation=dp``: noisy correct = noisy examples) and
+  the fit reply a low epsilon (``claimed_epsilon``), to move the federation's reported
+  validation numbers and privacy (the server reports its own evaluation and the ledger's
+  epsilon, and aggregates client reports by their median).
+
 Pure numpy; each is registered in :mod:`fedlora.attacks`, and the client applies them
 (see :mod:`fedlora.client.numpy_client`).
 """
@@ -34,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.attacks import ATTACKS, Attack, get_attack, register
+from fedlora.privacy.evaluation import NOISY_CORRECT, NOISY_EXAMPLES
 
 
 def alie_z(num_clients: int, num_malicious: int) -> float:
@@ -73,6 +85,24 @@ def ipm(delta: np.ndarray, params: Any, rng: np.random.Generator, honest=None) -
     return (-float(params.get("epsilon", 0.5)) * _honest_mean("ipm", honest)).astype(np.float32)
 
 
+def claim_examples(real: int, params: Any) -> int:
+    return int(float(params.get("claimed_examples", 1e9)))
+
+
+def poison_report(honest: dict[str, Any], params: Any) -> dict[str, Any]:
+    """Perfect validation numbers and a small epsilon, whatever the client measured."""
+    out = dict(honest)
+    if "loss" in out:
+        out["loss"] = float(params.get("loss", 0.0))
+    if "accuracy" in out:
+        out["accuracy"] = float(params.get("accuracy", 1.0))
+    if NOISY_CORRECT in out and NOISY_EXAMPLES in out:
+        out[NOISY_CORRECT] = float(params.get("accuracy", 1.0)) * float(out[NOISY_EXAMPLES])
+    if out.get("epsilon") is not None:
+        out["epsilon"] = float(params.get("claimed_epsilon", 0.01))
+    return out
+
+
 def flip_labels(labels: np.ndarray, num_labels: int) -> np.ndarray:
     """Label-flipping data poisoning: y -> num_labels - 1 - y."""
     return (num_labels - 1 - np.asarray(labels)).astype(np.asarray(labels).dtype)
@@ -85,6 +115,8 @@ for _attack in (
     Attack("alie", poison_delta=alie, colluding=True),
     Attack("ipm", poison_delta=ipm, colluding=True),
     Attack("label_flip", poison_labels=flip_labels),
+    Attack("weight_inflation", poison_delta=sign_flip, claim_examples=claim_examples),
+    Attack("metric_poisoning", poison_report=poison_report),
 ):
     register(_attack)
 

@@ -236,6 +236,10 @@ class LoRAClient(NumPyClient):
             # aggregates cannot make this client forget the spend.
             log.append([entry])
             self._privacy(reply, plan, history + [entry], after)
+        if self.malicious:
+            # Weight inflation and metric poisoning lie in the reply, not the update.
+            reply.num_examples = self.attack.claimed_examples(self.num_examples, self.cfg.attack)
+            return delta, reply.num_examples, self.attack.report(reply.to_metrics(self.plan.release), self.cfg.attack)
         return delta, self.num_examples, reply.to_metrics(self.plan.release)
 
     def _round_rank(self, config) -> int | None:
@@ -305,7 +309,12 @@ class LoRAClient(NumPyClient):
         metrics, n = self._validation_metrics(parameters)
         if n == 0:
             return 0.0, 0, {"partition_id": self.partition_id}
+        metrics = self._report(metrics)
         return metrics.pop("loss"), n, {**metrics, "partition_id": self.partition_id}
+
+    def _report(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What this client reports of ``metrics`` (a metric-poisoning client lies)."""
+        return self.attack.report(metrics, self.cfg.attack) if self.malicious else metrics
 
     def _validation_metrics(self, parameters) -> tuple[dict[str, Any], int]:
         bundle = self._bundle()
@@ -347,7 +356,7 @@ class LoRAClient(NumPyClient):
                       "delta": plan.delta, "accountant": plan.accountant,
                       "dp_history": json.dumps([list(h) for h in history])})
         # num_examples is 1: the real count is what the noise protects.
-        return 0.0, 1, release.evaluation_reply(reply)
+        return 0.0, 1, release.evaluation_reply(self._report(reply))
 
 
 def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:

@@ -15,10 +15,12 @@ from typing import Any
 
 from fedlora.core.files import append_durable, write_atomic
 from fedlora.core.units import CLIENT, LABEL, NONE, SCOPE
+from fedlora.models.hub import revisions
 from fedlora.privacy.evaluation import PLAIN
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
 from fedlora.privacy.release import INTERNAL_DIR, INTERNAL_NOTE, ReleasePolicy
 from fedlora.record.checkpoint import resume_commands
+from fedlora.reply import reported_float
 
 GENERATIONS = "generations.jsonl"
 
@@ -194,6 +196,10 @@ class RunRecorder:
         rank cap the server chose for the next round (public: from the released aggregate)."""
         self._round(server_round)["lora_ranks"] = ranks
 
+    def on_weights(self, server_round: int, bounded: list[dict[str, Any]]) -> None:
+        """The claimed example counts the server bounded (``strategy.weighting``)."""
+        self._round(server_round)["weights_bounded"] = bounded
+
     def on_aggregation(self, server_round: int, decisions: dict[str, Any]) -> None:
         """The aggregation rule, its parameters and its decisions by client id."""
         self._round(server_round)["aggregation"] = decisions
@@ -213,8 +219,12 @@ class RunRecorder:
             history = info.pop("dp_history", None)
             if history:
                 self._merge_history(str(info["cid"]), history, info)
-                # The ledger is the one source of epsilon: the record shows its value.
+                # The ledger is the one source of epsilon: the record shows its value, and
+                # flags a client whose own claim differs from it.
+                claimed = info.get("epsilon")
                 info["epsilon"] = self.ledger.epsilon(str(info["cid"]), self.accountant, server_round)
+                if claimed is not None and not math.isclose(reported_float(claimed), info["epsilon"], rel_tol=1e-3):
+                    info["claimed_epsilon"] = claimed
         rec = self._round(server_round)
         rec["fit_recorded"] = True
         rec["clients"] = clients
@@ -283,16 +293,22 @@ class RunRecorder:
         self._notify("on_generations", server_round, samples)
 
     def on_federated_evaluate(self, server_round: int, loss: float | None, accuracy: float | None, n: int,
-                              mode: str = PLAIN, clients: list[dict[str, Any]] = ()) -> None:
-        """Clients' evaluation on their validation data. ``mode`` is ``privacy.evaluation``:
-        under ``dp`` the accuracy comes from noisy counts, there is no loss, and each
-        client's record (``dp_history``) brings the releases' spend into the ledger."""
+                              mode: str = PLAIN, clients: list[dict[str, Any]] = (),
+                              outliers: list[str] = ()) -> None:
+        """Clients' evaluation on their validation data: what they report, their median
+        (``strategies.client_reports``) and the clients whose report is an outlier.
+        ``mode`` is ``privacy.evaluation``: under ``dp`` each accuracy comes from noisy
+        counts, there is no loss, and each client's record (``dp_history``) brings the
+        releases' spend into the ledger."""
         for info in clients:
             self._merge_history(str(info["cid"]), info["dp_history"], info)
         rec = self._round(server_round)
         rec["federated_evaluation"] = {"loss": None if loss is None else _finite(loss),
                                        "accuracy": None if accuracy is None else _finite(accuracy),
-                                       "clients": n, "mode": mode}
+                                       "clients": n, "mode": mode, "aggregation": "median",
+                                       "reported_by": "clients"}
+        if outliers:
+            rec["evaluation_outliers"] = list(outliers)
         if clients:
             rec["epsilon"] = self.epsilon()
         self.write()
@@ -391,6 +407,8 @@ class RunRecorder:
             "privacy_ledger": self.ledger.to_dict(),
             "stopped": self.stopped,
             "tracking": self.tracking,
+            # What the model and data were loaded at (fedlora.models.hub.revisions).
+            "revisions": revisions(self.config),
         }
 
     def write(self) -> None:
