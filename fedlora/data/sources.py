@@ -137,19 +137,29 @@ def _bbc_news(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
 
 
 def load_hub_split(cfg: Any, split: str):
-    """One split of the hub dataset ``data.name`` (``data.subset``, ``data.revision`` to
-    pin a commit), or a ConfigError naming ``data.name`` with the hub's reason."""
+    """One split of the hub dataset ``data.name`` (``data.subset``) at ``data.revision``
+    (a commit hash; unset or a branch name warns once, see
+    :func:`fedlora.models.hub.data_revision`), or a ConfigError naming ``data.name`` with
+    the hub's reason. The commit the hub resolved is kept for results.json."""
     import datasets
+    from datasets.utils.info_utils import is_small_dataset
 
-    kwargs = {"name": str(cfg.subset)} if cfg.get("subset") else {}
-    if cfg.get("revision"):
-        kwargs["revision"] = str(cfg.revision)
+    from fedlora.models.hub import data_revision, is_hub_id, note_resolved
+
+    revision = data_revision(cfg)
+    subset = str(cfg.subset) if cfg.get("subset") else None
     try:
-        return datasets.load_dataset(str(cfg.name), split=str(split), **kwargs)
+        # load_dataset's own steps, keeping the builder: its hash is the commit it read.
+        builder = datasets.load_dataset_builder(str(cfg.name), subset, revision=revision)
+        builder.download_and_prepare()
+        rows = builder.as_dataset(split=str(split), in_memory=is_small_dataset(builder.info.dataset_size))
     except Exception as err:  # the hub raises many types (network, missing, auth)
         raise ConfigError(
             "data.name", f"cannot load hub dataset {cfg.name!r}: {type(err).__name__}: {err}"
         ) from err
+    if is_hub_id(str(cfg.name)):
+        note_resolved("data.revision", str(cfg.name), revision, getattr(builder, "hash", None))
+    return rows
 
 
 def _hub(cfg: Any) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:

@@ -65,9 +65,13 @@ def _convert(file: Path, out: Path) -> None:
     folder, name = str(file.parent), file.name
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # ``folder`` holds a GGUF file converted_folder found on this disk: transformers reads
+    # it there and asks the hub for nothing, so there is no revision to pin.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)  # nosec B615 # a local GGUF folder, not a hub id
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)  # nosec B615 # a local GGUF folder, not a hub id
+    quantized = AutoModelForCausalLM.from_pretrained(  # nosec B615 # a local GGUF folder, not a hub id
+        folder, gguf_file=name, dtype=torch.float32
+    )
     # The dequantized model carries transformers' GGUF quantizer and refuses to save:
     # copy its weights into a plain model of the same config.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -3,7 +3,9 @@ made, in place of PEFT's empty template.
 
 It states the privacy guarantee first (epsilon with its delta, unit and accountant, and
 where the noise came from; a ``privacy.noise_seed`` run says it is not private), then
-the data, the federation, the aggregation rule, and the lines that load the adapter.
+the data, the federation, the aggregation rule, the revisions the base model and the
+data were loaded at (an unpinned hub load is said to be one: a reader cannot rebuild
+it), and the lines that load the adapter.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from peft import TaskType
 
 from fedlora.core.units import NONE
-from fedlora.models.hub import resolve_model_path
+from fedlora.models.hub import LOCAL, resolve_model_path, revisions
 from fedlora.plan import aggregator_name
 
 CARD = "README.md"
@@ -57,7 +59,30 @@ def evaluation_text(evaluation: dict[str, Any]) -> str:
     return "Federated evaluation: off (privacy.evaluation=off); clients released nothing about their validation data."
 
 
-def _loading(plan: Any, base: str) -> str:
+def revision_text(kind: str, facts: dict[str, Any] | None) -> str:
+    """One line on what ``kind`` (``base model`` / ``data``) was loaded at."""
+    if not facts:
+        return f"- {kind.capitalize()} revision: not recorded."
+    setting = "model.revision" if kind == "base model" else "data.revision"
+    name, resolved = facts["name"], facts.get("resolved")
+    if resolved == LOCAL:
+        return f"- {kind.capitalize()} revision: `{name}` is {LOCAL} (a packaged model or files on disk; no hub commit)."
+    if facts.get("pinned"):
+        return f"- {kind.capitalize()} revision: `{name}` pinned at commit `{resolved}` ({setting})."
+    at = f"commit `{resolved}` as the hub reported it" if resolved else "a commit the hub did not report"
+    requested = facts.get("requested")
+    how = f"{setting}={requested!r} is a movable branch or tag" if requested else f"{setting} was not set"
+    return (f"- {kind.capitalize()} revision: `{name}` at {at}; **not pinned** ({how}): the repository may "
+            "hold something else now.")
+
+
+def _revision_arg(facts: dict[str, Any] | None) -> str:
+    """``, revision="<commit>"`` for the loading lines of a hub base with a known commit."""
+    resolved = (facts or {}).get("resolved")
+    return f', revision="{resolved}"' if resolved and resolved != LOCAL else ""
+
+
+def _loading(plan: Any, base: str, revision: str = "") -> str:
     """How to load the adapter: stock transformers + PEFT where the head is the
     architecture's own, else the project's loader (the head is its own module)."""
     num_labels = plan.num_labels
@@ -67,7 +92,7 @@ def _loading(plan: Any, base: str) -> str:
             "from peft import AutoPeftModelForCausalLM\n"
             "from transformers import AutoTokenizer\n\n"
             'model = AutoPeftModelForCausalLM.from_pretrained("adapter")  # this folder; loads the base below\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}"{revision})\n'
             "```\n\n"
             'or answer from the command line: `python -m fedlora.generate <run dir> --prompt "..."`.\n'
         )
@@ -76,9 +101,9 @@ def _loading(plan: Any, base: str) -> str:
             "```python\n"
             "from peft import PeftModel\n"
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-            f'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={num_labels})\n'
+            f'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={num_labels}{revision})\n'
             'model = PeftModel.from_pretrained(base, "adapter")  # this folder\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}"{revision})\n'
             "```\n"
         )
     return (
@@ -94,6 +119,7 @@ def _loading(plan: Any, base: str) -> str:
 def model_card(statement: dict[str, Any], plan: Any) -> str:
     cfg = plan.cfg
     base = resolve_model_path(str(cfg.model.name_or_path))
+    loaded_at = revisions(cfg)
     fed, lora = cfg.federation, cfg.lora
     aggregation = ("client-level DP-FedAvg (clip, Gaussian noise on the sum)" if plan.client_dp
                    else aggregator_name(cfg.strategy))
@@ -117,10 +143,12 @@ def model_card(statement: dict[str, Any], plan: Any) -> str:
         + (" under SecAgg+" if plan.secagg is not None else "") + ".",
         f"- LoRA: r={lora.r}, alpha={lora.alpha}, targets {list(lora.target_modules)}"
         + (" (FFA-LoRA: A frozen)" if lora.freeze_a else "") + f"; base model folder: `{base}`.",
+        revision_text("base model", loaded_at.get("model")),
+        revision_text("data", loaded_at.get("data")),
         "",
         "## How to load",
         "",
-        _loading(plan, base),
+        _loading(plan, base, _revision_arg(loaded_at.get("model"))),
     ]
     return header + "\n" + "\n".join(body)
 

@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fedlora.core.errors import ConfigError
-from fedlora.models.hub import load_tokenizer, resolve_model_path
+from fedlora.models.hub import exported_revision, load_tokenizer, model_revision, note_model_commit, resolve_model_path
 from fedlora.tasks import frozen_prefix
 from fedlora.tasks.base import Task, autocast
 
@@ -94,10 +94,12 @@ def _check_causal(config: Any, name: str) -> None:
 def load_causal_lm(model_cfg: Any, seed: int):
     """The base causal LM on its device, in its dtype; ``model.random_init`` builds a
     randomly initialised one of the same family (tests of the mechanics)."""
+    revision = model_revision(model_cfg)
     path = resolve_model_path(str(model_cfg.name_or_path))
     trust = bool(_opt(model_cfg, "trust_remote_code", False))
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust, revision=revision)
+        note_model_commit(model_cfg, config)
         _check_causal(config, str(model_cfg.name_or_path))
         torch.manual_seed(seed)
         if model_cfg.get("random_init"):
@@ -105,7 +107,8 @@ def load_causal_lm(model_cfg: Any, seed: int):
                 setattr(config, key, value)
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=dtype_of(model_cfg))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust, dtype=dtype_of(model_cfg))
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust, dtype=dtype_of(model_cfg),
+                                                         revision=revision)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError("model.name_or_path",
                           f"cannot load a causal language model from {model_cfg.name_or_path!r}: {err}") from err
@@ -509,6 +512,7 @@ class CausalLM(Task):
     def export(self, model, out_dir, model_cfg, label_names):
         base = resolve_model_path(str(model_cfg.name_or_path))
         model.peft_config[model.active_adapter].base_model_name_or_path = base
+        model.peft_config[model.active_adapter].revision = exported_revision(model_cfg)
         model.save_pretrained(str(out_dir))
         (Path(out_dir) / ANSWERS_FILE).write_text(json.dumps(list(label_names)))
 

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from fedlora.core.errors import ConfigError
-from fedlora.models.hub import load_tokenizer, resolve_model_path
+from fedlora.models.hub import exported_revision, load_tokenizer, model_revision, note_model_commit, resolve_model_path
 from fedlora.tasks.base import Task, autocast, trim
 from fedlora.tasks.heads import MeanPoolingClassifier
 
@@ -39,6 +39,7 @@ def load_classifier(model_cfg: Any, num_labels: int, seed: int):
     """A sequence-classification model with a fresh ``num_labels`` head (seeded, so every
     process builds the same one); ``model.random_init`` builds a randomly initialised
     model of the same family, for tests of the mechanics."""
+    revision = model_revision(model_cfg)
     path = resolve_model_path(model_cfg.name_or_path)
     trust = bool(model_cfg.trust_remote_code)
     pooling = str(model_cfg.get("pooling", "model"))
@@ -49,12 +50,14 @@ def load_classifier(model_cfg: Any, num_labels: int, seed: int):
     torch.manual_seed(seed)
     try:
         if model_cfg.random_init:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **labels)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust, revision=revision, **labels)
+            note_model_commit(model_cfg, config)
             for key, value in dict(model_cfg.random_init).items():
                 setattr(config, key, value)
             model = auto.from_config(config, trust_remote_code=trust)
         else:
-            model = auto.from_pretrained(path, trust_remote_code=trust, **labels)
+            model = auto.from_pretrained(path, trust_remote_code=trust, revision=revision, **labels)
+            note_model_commit(model_cfg, model.config)
         if pooling == "mean":
             model = MeanPoolingClassifier(model, num_labels, bool(model_cfg.get("normalize", True)))
     except (OSError, ValueError) as err:
@@ -129,6 +132,7 @@ class SequenceClassification(Task):
         # Name the base so PEFT's own loaders find it: the hub id or folder as configured,
         # a package model's folder on this machine.
         model.peft_config[model.active_adapter].base_model_name_or_path = resolve_model_path(model_cfg.name_or_path)
+        model.peft_config[model.active_adapter].revision = exported_revision(model_cfg)
         model.save_pretrained(str(out_dir))
         (Path(out_dir) / LABELS_FILE).write_text(json.dumps(list(label_names)))
 

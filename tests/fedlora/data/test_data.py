@@ -125,6 +125,6 @@ def test_an_unreachable_hub_dataset_names_the_setting(overrides):
     the hub (HF_HUB_OFFLINE=1 here) both refuse with the setting to change."""
     from fedlora.tasks import get_task
 
-    cfg = compose([*overrides, "data=hf", "data.name=no-such-org/no-such-dataset", "data.revision=abc123"])
+    cfg = compose([*overrides, "data=hf", "data.name=no-such-org/no-such-dataset", "data.revision=0123456789abcdef0123456789abcdef01234567"])
     with pytest.raises(ConfigError, match=r"data\.name.*no-such-org/no-such-dataset"):
         get_task(cfg.model).load_data(cfg.data, 0)
