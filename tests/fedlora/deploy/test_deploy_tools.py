@@ -167,9 +167,11 @@ def test_rejected_override_names_hydra_and_the_setting():
     assert check_overrides("strategy=krum federation.num_clients=7").federation.num_clients == 7
 
 
-def test_deployed_server_config_errors(tmp_path):
+def test_deployed_server_config_errors(tmp_path, monkeypatch):
+    from fedlora.deploy.runs import RUNS_ROOT_ENV
     from strategies.server_app import deployed_config
 
+    monkeypatch.setenv(RUNS_ROOT_ENV, str(tmp_path.parent))  # the SuperLink's runs root
     with pytest.raises(ConfigError, match="Hydra rejected"):
         deployed_config({"overrides": "privacy.no_such_key=1"}, 1)
     with pytest.raises(ConfigError, match="no checkpoint.npz and config.yaml"):

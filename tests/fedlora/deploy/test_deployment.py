@@ -1,5 +1,6 @@
 """End to end on Flower's deployment engine: a SuperLink with TLS and SuperNode
-authentication, SuperNodes as separate processes on 127.0.0.1, ``flwr run``.
+authentication on 127.0.0.1, its Fleet-only gateway, SuperNodes as separate processes
+that dial the gateway, ``flwr run`` against the SuperLink.
 
 Every process is started in its own session and ended by PID (with its descendants)
 when the module finishes, whatever happened.
@@ -23,6 +24,7 @@ from fedlora.deploy.launch import (
     Credentials,
     flower_bin,
     flower_env,
+    gateway_command,
     register_supernode,
     run_config_text,
     start,
@@ -33,6 +35,7 @@ from fedlora.deploy.launch import (
     wait_listening,
     write_connection,
 )
+from fedlora.deploy.runs import RUNS_ROOT_ENV
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.record.checkpoint import CHECKPOINT
 
@@ -53,14 +56,16 @@ def _free_port() -> int:
 
 
 class Federation:
-    """A SuperLink with TLS + node auth and the SuperNodes added to it."""
+    """A SuperLink with TLS + node auth on loopback, the gateway in front of it, and the
+    SuperNodes added to it (through the gateway)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, runs_root: Path) -> None:
         self.root = root
         make_tls(root)
         self.creds = Credentials(root)
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.fleet_address = f"127.0.0.1:{_free_port()}"
         self.env = flower_env(root / "flwr-home")
         # Line coverage (make test) measures the SuperLink, its ServerApps and the CLI here;
         # a SuperNode starts a fresh ClientApp process every round, whose code the unit
@@ -71,9 +76,15 @@ class Federation:
         self.nodes: dict[int, subprocess.Popen] = {}
         self.registered: set[int] = set()
         self.partitions: dict[int, int] = {}
-        link = start(superlink_command(self.creds, port=self.port), root / "superlink.log", self.env, cwd=APP_DIR)
+        # The run dirs of these tests are pytest's tmp dirs: the runs root is their parent.
+        link = start(superlink_command(self.creds, port=self.port), root / "superlink.log",
+                     {**self.env, RUNS_ROOT_ENV: str(runs_root)}, cwd=APP_DIR)
         self.pids["superlink"] = link.pid
         wait_listening(self.address, link, root / "superlink.log")
+        gateway = start(gateway_command(self.creds, self.address, port=int(self.fleet_address.rsplit(":", 1)[1])),
+                        root / "gateway.log", self.env, cwd=APP_DIR)
+        self.pids["gateway"] = gateway.pid
+        wait_listening(self.fleet_address, gateway, root / "gateway.log", name="gateway")
         write_connection(root / "flwr-home", CONNECTION, self.address, self.creds.ca_cert)
 
     def add_node(self, index: int, num_partitions: int, register: bool = True) -> subprocess.Popen:
@@ -84,7 +95,7 @@ class Federation:
             register_supernode(public, CONNECTION, self.env)
             self.registered.add(index)
         cmd = supernode_command(
-            self.address, {"partition-id": index, "num-partitions": num_partitions}, _free_port(),
+            self.fleet_address, {"partition-id": index, "num-partitions": num_partitions}, _free_port(),
             self.creds.ca_cert, private, max_wait_s=20,
         )
         proc = start(cmd, self.root / f"supernode-{index}.log", self.node_env, cwd=APP_DIR)
@@ -121,7 +132,7 @@ class Federation:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    fed = Federation(tmp_path_factory.mktemp("deploy"))
+    fed = Federation(tmp_path_factory.mktemp("deploy"), tmp_path_factory.getbasetemp())
     try:
         yield fed
     finally:
@@ -177,6 +188,45 @@ def test_tls_node_auth_end_to_end(federation, tmp_path):
     assert all(rounds[r]["perplexity"] > 1 for r in (0, 1, 2))
     assert json.loads((adapter / "answers.json").read_text()) == ["not great", "great"]
     assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 3
+
+
+def _flwr_json(args: list[str], env: dict[str, str]) -> dict:
+    proc = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                          env=env, timeout=120, cwd=APP_DIR)
+    return json.loads(proc.stdout[proc.stdout.find("{"):])
+
+
+def test_control_api_is_not_reachable_where_supernodes_connect(federation, tmp_path):
+    """A party holding only ca.crt, pointing flwr at the address the SuperNodes dial,
+    can neither list nor start runs, nor reach the ServerAppIo API; the SuperNodes train
+    through that address (test_tls_node_auth_end_to_end)."""
+    import httpx
+
+    federation.ensure_nodes(2, 2)
+    cmdline = psutil.Process(federation.nodes[0].pid).cmdline()
+    dialed = cmdline[cmdline.index("--superlink") + 1]
+    outsider = tmp_path / "outsider"
+    outsider.mkdir()
+    ca = outsider / "ca.crt"
+    ca.write_bytes(federation.creds.ca_cert.read_bytes())
+    write_connection(outsider / "flwr-home", "outside", dialed, ca)
+    env = flower_env(outsider / "flwr-home")
+
+    runs_before = _flwr_json(["ls", CONNECTION], federation.env)
+    assert runs_before["success"], runs_before  # the operator, on loopback, can
+    listed = _flwr_json(["ls", "outside"], env)
+    assert listed["success"] is False and "403" in listed["error-message"], listed
+    started = _flwr_json(["run", str(APP_DIR), "outside", "--run-config", run_config_text(SMALL, tmp_path / "x")], env)
+    assert started["success"] is False and "403" in started["error-message"], started
+    assert _flwr_json(["ls", CONNECTION], federation.env)["runs"] == runs_before["runs"]  # no run was created
+    assert not (tmp_path / "x").exists()
+    # The Control, ServerAppIo and docs routes, and path tricks, never reach the SuperLink.
+    with httpx.Client(base_url=f"https://{dialed}", verify=str(ca), timeout=30) as client:
+        for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task",
+                     "/v1/fleet/../control/list-runs", "/v1/fleet/get-run?x=1", "/docs", "/openapi.json"):
+            response = client.post(path, content=b"")
+            assert response.status_code == 403, (path, response.status_code)
+        assert client.get("/v1/fleet/get-run").status_code == 403
 
 
 def test_unregistered_supernode_is_refused(federation):
