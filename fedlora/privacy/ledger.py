@@ -7,11 +7,12 @@ epsilon with any accountant (``epsilon_from_history``), nothing that must be tru
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedlora.core.units import SAMPLE
+from fedlora.core.units import CLIENT, SAMPLE
 from fedlora.privacy.accounting import epsilon_from_history
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -86,7 +87,41 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "PrivacyLedger":
-        return cls([LedgerEntry(**e) for e in payload.get("entries", [])])
+        """The ledger :meth:`to_dict` wrote, every entry checked: a malformed one raises
+        ValueError naming it, and no ledger is built (an entry dropped or misread would
+        understate a client's epsilon)."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("entries", []), list):
+            raise ValueError("a privacy ledger is an object with a list of entries")
+        return cls([_entry(i, e) for i, e in enumerate(payload.get("entries", []))])
+
+
+_FIELDS = tuple(LedgerEntry.__dataclass_fields__)
+
+
+def _entry(index: int, raw: Any) -> LedgerEntry:
+    """One ledger entry from JSON, or ValueError saying which and why."""
+    where = f"entry {index}"
+    if not isinstance(raw, dict) or set(raw) != set(_FIELDS):
+        found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{where}: expected the fields {list(_FIELDS)}, found {found}")
+    problems = []
+    if not isinstance(raw["client"], str) or not raw["client"]:
+        problems.append(f"client {raw['client']!r} is not a client id")
+    if raw["unit"] not in (SAMPLE, CLIENT):
+        problems.append(f"unit {raw['unit']!r} is not {SAMPLE!r} or {CLIENT!r}")
+    for name in ("round", "steps"):
+        if not isinstance(raw[name], int) or isinstance(raw[name], bool) or raw[name] < 0:
+            problems.append(f"{name} {raw[name]!r} is not a non-negative integer")
+    checks = (("noise_multiplier", lambda v: v >= 0, ">= 0"), ("sample_rate", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("delta", lambda v: 0 < v < 1, "in (0, 1)"))
+    for name, ok, what in checks:
+        value = raw[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not ok(value):
+            problems.append(f"{name} {value!r} is not a finite number {what}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
+    return LedgerEntry(**raw)
 
 
 def _natural(value: str) -> tuple:
