@@ -23,6 +23,8 @@ class FitReply:
     partition_id: int
     privacy_unit: str
     num_examples: int
+    # The round of the instruction this reply answers (the server's number, echoed).
+    server_round: int | None = None
     steps: int = 0
     probe_steps: int = 0
     # Statistics in the clear: sent only where the policy allows (no DP; the norm of a
@@ -60,11 +62,11 @@ class FitReply:
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any], default_partition: Any = None) -> "FitReply":
-        """The reply in ``metrics`` (keys it does not know are ignored)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in metrics.items() if k in known}
-        if isinstance(values.get("dp_history"), str):
-            values["dp_history"] = [tuple(e) for e in json.loads(values["dp_history"])]
+        """The reply in ``metrics`` (keys it does not know are ignored); a value of the
+        wrong type, a non-UTF-8 or oversized text or a malformed history raises
+        :class:`MalformedReply` with the reason: a client's reply is untrusted input."""
+        known = {f.name: f for f in fields(cls)}
+        values = {k: _parse(k, v) for k, v in metrics.items() if k in known}
         values.setdefault("partition_id", default_partition)
         values.setdefault("privacy_unit", "none")
         values.setdefault("num_examples", 0)
@@ -73,6 +75,83 @@ class FitReply:
     def as_record(self) -> dict[str, Any]:
         """The set fields, for the run record (``cid`` is the client id)."""
         return {"cid": self.partition_id, **{k: v for k, v in asdict(self).items() if v is not None}}
+
+
+class MalformedReply(ValueError):
+    """A reply field the server cannot take: the reason is the rejection's."""
+
+
+# A free-text field is a label or one line of reason; longer is an attempt to bloat the record.
+MAX_TEXT = 500
+# More history entries than any plan makes (rounds x (training + evaluation) of years of runs).
+MAX_HISTORY = 100_000
+_INT_FIELDS = {"partition_id", "num_examples", "server_round", "steps", "probe_steps", "lora_rank", "total_steps"}
+_FLOAT_FIELDS = {"train_loss", "update_norm", "epsilon", "delta", "sample_rate", "noise_multiplier",
+                 "max_grad_norm", "budget_epsilon"}
+_TEXT_FIELDS = {"privacy_unit", "attack", "reason", "history_refused", "accountant"}
+
+
+def _text(key: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MalformedReply(f"{key} is not UTF-8 text") from err
+    if not isinstance(value, str):
+        raise MalformedReply(f"{key} must be text, got {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise MalformedReply(f"{key} is {len(value)} characters long (at most {MAX_TEXT})")
+    return "".join(ch if ch.isprintable() else "?" for ch in value)
+
+
+def parse_history(value: Any) -> list[HistoryEntry]:
+    """A client's spend record as it sent it (JSON text), checked entry by entry."""
+    if not isinstance(value, str):
+        raise MalformedReply(f"dp_history must be JSON text, got {type(value).__name__}")
+    if len(value) > 64 * MAX_HISTORY:
+        raise MalformedReply(f"dp_history is {len(value)} characters long")
+    try:
+        entries = json.loads(value)
+    except (ValueError, RecursionError) as err:
+        raise MalformedReply(f"dp_history is not JSON: {str(err)[:80]}") from err
+    if not isinstance(entries, list) or len(entries) > MAX_HISTORY:
+        raise MalformedReply("dp_history must be a list of [noise_multiplier, sample_rate, steps, round] entries")
+    parsed = []
+    for entry in entries:
+        if (not isinstance(entry, list) or len(entry) != 4
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in entry)
+                or entry[0] < 0 or not 0 <= entry[1] <= 1 or entry[2] < 0 or entry[2] != int(entry[2])
+                or entry[3] != int(entry[3])):
+            raise MalformedReply(f"dp_history entry {str(entry)[:80]} is not [sigma >= 0, 0 <= q <= 1, steps >= 0, "
+                                 "round]")
+        parsed.append((float(entry[0]), float(entry[1]), int(entry[2]), int(entry[3])))
+    return parsed
+
+
+def _parse(key: str, value: Any) -> Any:
+    """One reply field, checked for its type."""
+    if value is None:
+        return None
+    if key == "dp_history":
+        if isinstance(value, list):  # already parsed (a reply built in this process)
+            value = json.dumps([list(e) for e in value])
+        return parse_history(value)
+    if key in _INT_FIELDS:
+        if key == "partition_id" and isinstance(value, str) and value.isdigit() and len(value) < 20:
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MalformedReply(f"{key} must be an integer, got {type(value).__name__}")
+        return value
+    if key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MalformedReply(f"{key} must be a number, got {type(value).__name__}")
+        return float(value)
+    if key in _TEXT_FIELDS:
+        return _text(key, value)
+    if key == "declined":
+        if not isinstance(value, bool):
+            raise MalformedReply(f"declined must be true or false, got {type(value).__name__}")
+    return value
 
 
 def reported_float(value: Any) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
 import time
 from collections.abc import Callable
@@ -51,7 +50,7 @@ from fedlora.core.profiles import Profiles
 from fedlora.models.ranks import RANK_CAP_KEY, LoRALayout, RankPlan, energy_rank, flexlora, svd_order
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, PLAIN, federated_accuracy
 from fedlora.record.checkpoint import Checkpoint
-from fedlora.reply import reported_float
+from fedlora.reply import MalformedReply, parse_history, reported_float
 from strategies.aggregators import get_aggregator, label_rows, with_norm_bound
 from strategies.sampling import (
     Excluding,
@@ -64,7 +63,7 @@ from strategies.sampling import (
 )
 from strategies.server_optimizers import ServerOptimizer
 from strategies.client_reports import summarise
-from strategies.triage import ReplyBatch, payload_bytes, triage
+from strategies.triage import ReplyBatch, RoundFacts, payload_bytes, triage
 from strategies.weighting import REPORTED, ClientWeights
 
 EvaluateFn = Callable[[int, list[np.ndarray]], tuple[float, dict[str, Scalar]]]
@@ -360,7 +359,12 @@ class FedLoRAStrategy(Strategy):
     ) -> ReplyBatch:
         """The round's replies sorted (:func:`strategies.triage.triage`); what they tell
         about the federation (who declined, which node is which client) is kept."""
-        batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec, self.layout)
+        started = self._instructions and self.started_round == server_round
+        facts = RoundFacts(server_round=server_round,
+                           sampled=frozenset(str(p.cid) for p, _ in self._instructions) if started else None,
+                           node_clients=dict(self.node_clients))
+        batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec, self.layout,
+                       facts)
         for info in batch.clients:
             self.node_clients[str(info["node_id"])] = str(info["cid"])
             # A client that replied holds its history; it needs none from us again.
@@ -553,21 +557,34 @@ class FedLoRAStrategy(Strategy):
     def _aggregate_noisy_counts(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]]):
         """``privacy.evaluation=dp``: each client's noisy accuracy from its noisy counts
         (post-processing of its release), their median the federation's; every
-        release's spend joins the ledger."""
-        released = [(proxy, r.metrics) for proxy, r in results
-                    if NOISY_CORRECT in r.metrics and NOISY_EXAMPLES in r.metrics]
+        release's spend joins the ledger. A release whose spend record is malformed is
+        left out whole."""
+        released = []
+        for proxy, r in results:
+            m = r.metrics
+            if NOISY_CORRECT not in m or NOISY_EXAMPLES not in m:
+                continue
+            try:
+                history = parse_history(m["dp_history"]) if m.get("dp_history") else None
+            except MalformedReply as err:
+                log(WARNING, "round %s: evaluation reply of node %s ignored: %s", server_round, proxy.cid, err)
+                continue
+            released.append((proxy, m, history))
         rates = {}
-        for proxy, m in released:
-            rate = federated_accuracy([(reported_float(m[NOISY_CORRECT]), reported_float(m[NOISY_EXAMPLES]))])
-            if rate is not None:
-                rates[str(m.get("partition_id", proxy.cid))] = rate
+        for proxy, m, _ in released:
+            counts = (reported_float(m[NOISY_CORRECT]), reported_float(m[NOISY_EXAMPLES]))
+            rate = federated_accuracy([counts]) if all(map(math.isfinite, counts)) else math.nan
+            if rate is None:
+                continue
+            rates[str(m.get("partition_id", proxy.cid))] = rate
+            if math.isfinite(rate):
                 self.client_losses[proxy.cid] = 1.0 - rate
         acc = summarise(rates)
         self._flag_outliers(server_round, list(acc.outliers))
         if self.recorder is not None:
             clients = [{"cid": str(m.get("partition_id")), "privacy_unit": m.get("privacy_unit"),
-                        "delta": m.get("delta"), "dp_history": json.loads(str(m["dp_history"]))}
-                       for _, m in released if m.get("dp_history")]
+                        "delta": m.get("delta"), "dp_history": history}
+                       for _, m, history in released if history]
             self.recorder.on_federated_evaluate(server_round, None, acc.median, len(released), mode=DP,
                                                 clients=clients, outliers=list(acc.outliers))
         return None, ({} if acc.median is None else {"accuracy": acc.median})

@@ -10,6 +10,7 @@ strategy decides what the batch means and what may be said about it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from flwr.server.client_proxy import ClientProxy
 from fedlora.core.arrays import flatten, unflatten
 from fedlora.core.compression import Codec
 from fedlora.models.ranks import LoRALayout, pad, rank_of_arrays, truncate
-from fedlora.reply import FitReply
+from fedlora.reply import FitReply, MalformedReply
 from strategies.validation import validate_update
 
 
@@ -88,6 +89,20 @@ def _client_order(cid: Any) -> tuple[int, int | str]:
         return 1, str(cid)
 
 
+def _tensors(parameters: Parameters) -> tuple[list[np.ndarray], str | None]:
+    """The reply's tensors, or why its bytes are none (np.load without pickles refuses
+    object arrays, truncated or garbled headers, and sizes it cannot allocate)."""
+    try:
+        return parameters_to_ndarrays(parameters), None
+    except (ValueError, EOFError, OSError, OverflowError, MemoryError) as err:
+        return [], f"payload is not a list of numpy arrays: {type(err).__name__}: {str(err)[:120]}"
+
+
+def _is_count(value: Any) -> bool:
+    """A positive integer (an example count); a bool, float or text is not one."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value > 0
+
+
 def _decode(arrays: list[np.ndarray], reference: list[np.ndarray], codec: Codec):
     """(tensors, None), or (the payload, why it could not be decoded)."""
     if codec.name == "none":
@@ -99,6 +114,41 @@ def _decode(arrays: list[np.ndarray], reference: list[np.ndarray], codec: Codec)
     return unflatten(flat, reference), None
 
 
+@dataclass(frozen=True)
+class RoundFacts:
+    """What the server knows of a round before its replies arrive, to check them by:
+    the round's number, the nodes it sampled (None: not known, e.g. a bare strategy)
+    and the client each node answered as before."""
+
+    server_round: int | None = None
+    sampled: frozenset[str] | None = None
+    node_clients: Mapping[str, str] = field(default_factory=dict)
+
+
+def _identity_problem(proxy: ClientProxy, reply: FitReply, facts: RoundFacts, seen: set[str]) -> str | None:
+    """Why a well-formed reply cannot be this round's answer from this node, or None."""
+    node, cid = str(proxy.cid), str(reply.partition_id)
+    if facts.sampled is not None and node not in facts.sampled:
+        return f"node {node} was not sampled in this round"
+    if facts.server_round is not None and reply.server_round is not None and reply.server_round != facts.server_round:
+        return f"the reply answers round {reply.server_round}, not round {facts.server_round} (a replayed reply)"
+    before = facts.node_clients.get(node)
+    if before is not None and before != cid:
+        return f"node {node} answered as client {before} before and now claims to be client {cid}"
+    if cid in seen:
+        return f"client {cid} already replied in this round"
+    return None
+
+
+def _refused(proxy: ClientProxy, res: FitRes, reason: str, bytes_down: int, claimed: Any = None) -> dict[str, Any]:
+    """A reply taken for nothing (not even its spend record): recorded like a failure."""
+    out = {"cid": None, "node_id": proxy.cid, "accepted": False, "reason": reason,
+           "bytes_up": payload_bytes(res.parameters), "bytes_down": bytes_down}
+    if claimed is not None:
+        out["claimed_client"] = str(claimed)
+    return out
+
+
 def triage(
     results: list[tuple[ClientProxy, FitRes]],
     failures: list[tuple[ClientProxy, FitRes] | BaseException],
@@ -106,23 +156,39 @@ def triage(
     bytes_down: int,
     codec: Codec = Codec(),
     layout: LoRALayout | None = None,
+    facts: RoundFacts = RoundFacts(),
 ) -> ReplyBatch:
     """Sort a round's replies against the global adapter ``reference``; ``codec`` decodes
     compressed updates first (a payload it cannot decode is a rejection). With ``layout``
     (ranks vary) each update carries the LoRA components its reply's ``lora_rank`` says,
-    is checked against that many of the global adapter's, and is zero-padded to its rank."""
+    is checked against that many of the global adapter's, and is zero-padded to its rank.
+    Replies are untrusted input: a malformed one, one from a node not sampled, one for
+    another round or one claiming another node's client (``facts``) is rejected with
+    its reason."""
     global_rank = rank_of_arrays(reference, layout) if layout is not None else 0
     batch = ReplyBatch(num_results=len(results), num_failures=len(failures))
     rows: list[np.ndarray] = []
     weights: list[int] = []
     steps: list[int] = []
-    replies = [(proxy, res, FitReply.from_metrics(res.metrics, default_partition=proxy.cid)) for proxy, res in results]
+    replies = []
+    for proxy, res in results:
+        try:
+            replies.append((proxy, res, FitReply.from_metrics(res.metrics, default_partition=proxy.cid)))
+        except MalformedReply as err:
+            batch.rejected.append(_refused(proxy, res, f"malformed reply: {err}", bytes_down))
     # In client order, not arrival order: the float sum of the rows, and so the aggregate,
     # must not depend on which client happened to answer first.
     replies.sort(key=lambda item: _client_order(item[2].partition_id))
+    seen: set[str] = set()
     for proxy, res, reply in replies:
         info = {**reply.as_record(), "node_id": proxy.cid,
                 "bytes_up": payload_bytes(res.parameters), "bytes_down": bytes_down}
+        problem = _identity_problem(proxy, reply, facts, seen)
+        if problem is not None:
+            # Not this round's answer from this node: nothing of it (its spend record included) is taken.
+            batch.rejected.append(_refused(proxy, res, problem, bytes_down, claimed=reply.partition_id))
+            continue
+        seen.add(str(reply.partition_id))
         if reply.declined:
             batch.declined_nodes.append(proxy.cid)
             info["accepted"] = False
@@ -137,10 +203,12 @@ def triage(
             else:
                 expected = truncate(reference, layout, rank)
         if reason is None:
-            arrays, reason = _decode(parameters_to_ndarrays(res.parameters), expected, codec)
+            arrays, reason = _tensors(res.parameters)
+            if reason is None:
+                arrays, reason = _decode(arrays, expected, codec)
             reason = reason or validate_update(arrays, expected)
-        if reason is None and res.num_examples <= 0:
-            reason = f"num_examples must be positive, got {res.num_examples}"
+        if reason is None and not _is_count(res.num_examples):
+            reason = f"num_examples must be a positive integer, got {res.num_examples!r}"
         info["accepted"] = reason is None
         if reason is None:
             rows.append(flatten(arrays if layout is None else pad(arrays, layout, global_rank)))

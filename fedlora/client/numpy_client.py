@@ -191,7 +191,8 @@ class LoRAClient(NumPyClient):
         set_arrays(bundle.model, bundle.names, parameters)
         data = self._data(bundle, "train")
         plan = self.dp
-        reply = FitReply(partition_id=self.partition_id, privacy_unit=self.plan.unit, num_examples=self.num_examples)
+        reply = FitReply(partition_id=self.partition_id, privacy_unit=self.plan.unit, num_examples=self.num_examples,
+                         server_round=server_round)
         if plan is not None:
             log = self.spend_log(config)
             server_history = json.loads(str(config[HISTORY_KEY])) if config.get(HISTORY_KEY) else None

@@ -40,8 +40,9 @@ from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, OFF, P
 # size as the FedAvg weight (declared under sample-level DP, 1 under client-level DP),
 # the labels of a simulated attacker or of a budget decline, and the LoRA rank its update
 # carries where ranks vary (declared in the config, capped by the server's adaptive rank,
-# or pruned by the client from its noised adapter: public or post-processing).
-BASE_REPLY = frozenset({"partition_id", "privacy_unit", "steps", "probe_steps", "num_examples"})
+# or pruned by the client from its noised adapter: public or post-processing), and the
+# round of the instruction it answers (the server's own number, echoed).
+BASE_REPLY = frozenset({"partition_id", "privacy_unit", "steps", "probe_steps", "num_examples", "server_round"})
 OPTIONAL_REPLY = frozenset({"attack", "declined", "reason", "history_refused", "lora_rank"})
 # Sample-level DP: the client's plan (public: sigma, q, clip, accountant) and its spend.
 SAMPLE_DP_REPLY = frozenset({"epsilon", "delta", "sample_rate", "noise_multiplier", "max_grad_norm", "accountant",
