@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # W&B tracking is on by default; tests never reach wandb.ai.
 os.environ.setdefault("WANDB_MODE", "offline")
+# The audit log's initial keys and current-key state go to a folder of this test session,
+# not the user's ~/.fedlora (subprocesses inherit it).
+_AUDIT_HOME = __import__("tempfile").mkdtemp(prefix="fedlora-test-audit-")
+os.environ.setdefault("FEDLORA_AUDIT_KEY", os.path.join(_AUDIT_HOME, "keys"))
+os.environ.setdefault("FEDLORA_AUDIT_STATE", os.path.join(_AUDIT_HOME, "state"))
 
 import pytest  # noqa: E402
 
