@@ -24,7 +24,10 @@ from pathlib import Path
 from simulations.report import pivot_table
 
 AGGREGATORS = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "centered_clipping"]
-ATTACKS = ["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie", "ipm"]
+ATTACKS = ["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie", "ipm", "weight_inflation",
+           "metric_poisoning"]
+# What an attack needs to act at all: metric poisoning lies in federated evaluation.
+ATTACK_OVERRIDES = {"metric_poisoning": ["federation.fraction_evaluate=1.0"]}
 
 
 def finished(run_dir: Path) -> dict | None:
@@ -40,7 +43,7 @@ def run_cell(aggregator: str, attack: str, out: Path, extra: list[str]) -> dict:
     payload = finished(run_dir)
     if payload is None:
         cmd = [sys.executable, "-m", "simulations.run", "experiment=robustness", f"strategy={aggregator}",
-               f"attack={attack}", *extra, f"hydra.run.dir={run_dir}"]
+               f"attack={attack}", *ATTACK_OVERRIDES.get(attack, []), *extra, f"hydra.run.dir={run_dir}"]
         start = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -51,11 +54,17 @@ def run_cell(aggregator: str, attack: str, out: Path, extra: list[str]) -> dict:
         print(f"{aggregator} x {attack}: {payload['final']['accuracy']:.4f} ({time.time() - start:.0f} s)",
               flush=True)
     final = payload["final"]
+    reported = [r["federated_evaluation"] for r in payload["rounds"] if r.get("federated_evaluation")]
     return {
         "aggregator": aggregator,
         "attack": attack,
         "accuracy": final["accuracy"],
         "malicious_clients": payload.get("attack", {}).get("clients", []),
+        # The clients' own evaluation (their median) in the last round, and how many
+        # rounds flagged an outlier report.
+        "client_reported_accuracy": reported[-1].get("accuracy") if reported else None,
+        "rounds_with_outliers": sum(1 for r in payload["rounds"] if r.get("evaluation_outliers")),
+        "weights_bounded": sum(len(r.get("weights_bounded") or []) for r in payload["rounds"]),
         "wall_s": final["wall_s"],
         "run_dir": str(run_dir),
     }
