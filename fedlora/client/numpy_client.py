@@ -360,6 +360,29 @@ class LoRAClient(NumPyClient):
         return 0.0, 1, release.evaluation_reply(self._report(reply))
 
 
+def node_data_path(node_config: Any) -> str | None:
+    """The node's own data file (``data-path``), resolved: a regular file (a folder, FIFO
+    or device such as /dev/zero is refused before it is opened), and inside ``data-root``
+    when the node config sets one (``..`` and symlinks are followed first, so neither
+    leaves it)."""
+    if not node_config.get("data-path"):
+        return None
+    given = str(node_config["data-path"])
+    try:
+        path = Path(given).expanduser().resolve(strict=True)
+    except (OSError, RuntimeError) as err:
+        raise ConfigError("node-config data-path", f"{given!r} cannot be read: {err.strerror or err}") from None
+    if not path.is_file():
+        raise ConfigError("node-config data-path", f"{given!r} is not a regular file")
+    root = node_config.get("data-root")
+    if root:
+        base = Path(str(root)).expanduser().resolve()
+        if not path.is_relative_to(base):
+            raise ConfigError("node-config data-path", f"{given!r} resolves to {path}, outside the node's "
+                              f"data-root {base}")
+    return str(path)
+
+
 def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:
     """(client id, own data file) from a SuperNode's ``--node-config``: ``partition-id``
     (the client id in budgets, seeds and reports) with either ``num-partitions`` (a shard
@@ -371,7 +394,7 @@ def node_identity(node_config: Any, num_clients: int) -> tuple[int, str | None]:
             "'partition-id=<i> num-partitions=<n>' (or 'partition-id=<i> data-path=\"<file>\"')"
         )
     pid = int(node_config["partition-id"])
-    data_path = str(node_config["data-path"]) if node_config.get("data-path") else None
+    data_path = node_data_path(node_config)
     if "num-partitions" not in node_config and data_path is None:
         raise ConfigError("node-config", "give num-partitions=<n> (a shard of the configured dataset) or data-path=<file>")
     num = int(node_config.get("num-partitions", num_clients))

@@ -97,3 +97,31 @@ def test_a_secagg_run_never_sends_plain_updates_even_if_the_server_skips_the_pro
     client_app = make_client_app(plan)
     with pytest.raises(PolicyRefusal, match="SecAgg\\+"):
         client_app(_train_message(), _context({}))
+
+
+# -- the node's own data file -----------------------------------------------------------
+def test_a_hostile_data_path_is_refused_before_it_is_read(tmp_path):
+    from fedlora.client.numpy_client import node_data_path
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "mine.csv").write_text("text,label\ngood,1\n")
+    secret = tmp_path / "secret.csv"
+    secret.write_text("text,label\nsecret,0\n")
+    (root / "link.csv").symlink_to(secret)
+    fifo = root / "pipe.csv"
+    import os
+
+    os.mkfifo(fifo)
+    base = {"partition-id": 0, "data-root": str(root)}
+    assert node_data_path({**base, "data-path": str(root / "mine.csv")}) == str(root / "mine.csv")
+    for hostile, needle in ((str(root / ".." / "secret.csv"), "outside the node's data-root"),
+                            (str(root / "link.csv"), "outside the node's data-root"),
+                            (str(root / "missing.csv"), "cannot be read"),
+                            (str(root), "not a regular file"),
+                            (str(fifo), "not a regular file"),
+                            ("/dev/zero", "not a regular file")):
+        with pytest.raises(ConfigError, match="node-config data-path") as err:
+            node_data_path({**base, "data-path": hostile})
+        assert needle in str(err.value)
+    assert secret.read_text() == "text,label\nsecret,0\n"  # nothing read or changed

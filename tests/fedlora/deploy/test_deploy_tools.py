@@ -190,9 +190,10 @@ def test_deployed_server_config_errors(tmp_path, monkeypatch):
     assert resume and saved.federation.rounds == 4
 
 
-def test_node_identity_from_node_config():
+def test_node_identity_from_node_config(tmp_path):
     assert node_identity({"partition-id": 1, "num-partitions": 3}, 3) == (1, None)
-    assert node_identity({"partition-id": 2, "data-path": "/d.csv"}, 5) == (2, "/d.csv")
+    (tmp_path / "d.csv").write_text("text,label\n")
+    assert node_identity({"partition-id": 2, "data-path": str(tmp_path / "d.csv")}, 5) == (2, str(tmp_path / "d.csv"))
     with pytest.raises(ConfigError, match="partition-id is missing"):
         node_identity({"num-partitions": 3}, 3)
     with pytest.raises(ConfigError, match="num-partitions=<n>.*or data-path"):
