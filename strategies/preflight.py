@@ -9,8 +9,11 @@ every client (a target epsilon that needs more noise than the cap allows).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from fedlora.attacks import get_attack, malicious_clients
 from fedlora.core.errors import ConfigError
@@ -28,6 +31,47 @@ from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
 from strategies.sampling import SELECTIONS
 from strategies.server_optimizers import from_config as server_optimizer
 from strategies.weighting import client_weights
+
+# Settings read as numbers. A Hydra override can hand over text, a list, a map or null,
+# which would fail deep in the plan as a TypeError that names no setting; they are
+# checked first. Counts are integers, the rest finite numbers; ``None`` is allowed where
+# the setting has a meaning for null.
+COUNTS = ("federation.num_clients", "federation.rounds", "federation.min_fit_clients",
+          "federation.min_evaluate_clients", "federation.min_available_clients", "train.batch_size",
+          "train.eval_batch_size", "train.probe_steps", "lora.r", "seed")
+OPTIONAL_COUNTS = ("federation.min_fit_results", "federation.selection_candidates", "train.local_steps",
+                   "data.max_train_samples", "data.max_test_samples")
+NUMBERS = ("federation.fraction_fit", "federation.fraction_evaluate", "federation.client_resources.num_cpus",
+           "train.lr", "train.local_epochs", "lora.alpha", "lora.dropout", "data.validation_fraction")
+OPTIONAL_NUMBERS = ("strategy.norm_bound",)
+DP_NUMBERS = ("privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm", "privacy.max_noise_multiplier")
+DP_OPTIONAL_NUMBERS = ("privacy.evaluation_epsilon_fraction",)
+_ABSENT = object()
+
+
+def check_types(cfg: Any) -> None:
+    """Every numeric setting holds a number of its kind, or a ConfigError names it."""
+    dp = str(cfg.privacy.get("unit")) != NONE
+    groups = [(COUNTS, True, False), (OPTIONAL_COUNTS, True, True), (NUMBERS, False, False),
+              (OPTIONAL_NUMBERS, False, True), (DP_NUMBERS if dp else (), False, False),
+              (DP_OPTIONAL_NUMBERS if dp else (), False, True)]
+    for keys, count, nullable in groups:
+        for key in keys:
+            value = OmegaConf.select(cfg, key, default=_ABSENT)
+            if value is _ABSENT or (value is None and nullable):
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if count and not (number and float(value).is_integer()):
+                raise ConfigError(key, f"must be an integer{' or null' if nullable else ''}, got {value!r}")
+            if not (number and math.isfinite(value)):
+                raise ConfigError(key, f"must be a finite number{' or null' if nullable else ''}, got {value!r}")
+    seed = OmegaConf.select(cfg, "seed", default=0)
+    if not 0 <= seed < 2**32:
+        raise ConfigError("seed", f"must lie in [0, 2**32), got {seed!r}")
+    rule = OmegaConf.select(cfg, "strategy.aggregator", default="fedavg")
+    if not (isinstance(rule, str) and rule or OmegaConf.is_dict(rule) and isinstance(rule.get("_target_"), str)):
+        raise ConfigError("strategy.aggregator", f"must be a rule's name, a dotted path or {{_target_: dotted path}}, "
+                          f"got {rule!r}")
 
 
 def backend_cpus(cfg: Any) -> int:
@@ -218,6 +262,7 @@ def check_client_dp_aggregator(name: str) -> None:
 
 def preflight(cfg: Any, simulation: bool = True) -> ExperimentPlan:
     """Check ``cfg`` and return its experiment plan (every fact of the run, built once)."""
+    check_types(cfg)
     check_federation(cfg, simulation)
     check_tracking(cfg)
     plan = build_plan(cfg)

@@ -236,8 +236,8 @@ def load_instruction_data(cfg: Any, seed: int) -> TaskData:
         index = {a: i for i, a in enumerate(answers)}
         for df in (train, test):
             df["label"] = [index.get(r, 0) for r in df["response"]]
-    train = _cap(train, cfg.get("max_train_samples"), seed)
-    test = _cap(test, cfg.get("max_test_samples"), seed)
+    train = _cap(train, cfg.get("max_train_samples"), seed, "data.max_train_samples")
+    test = _cap(test, cfg.get("max_test_samples"), seed, "data.max_test_samples")
     return TaskData(
         train=Dataset.from_pandas(train, preserve_index=False),
         test=Dataset.from_pandas(test, preserve_index=False),

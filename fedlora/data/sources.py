@@ -213,8 +213,14 @@ def load_node_data(path: str, data_cfg: Any, label_names: list[str]) -> Dataset:
 SOURCES = {"finefood": _finefood, "bbc_news": _bbc_news, "hf": _hub, "local": _local}
 
 
-def _cap(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    if limit is None or limit >= len(df):
+def _cap(df: pd.DataFrame, limit: int | None, seed: int, setting: str = "data.max_train_samples") -> pd.DataFrame:
+    """A seeded sample of ``limit`` rows (``setting``; null keeps them all)."""
+    if limit is None:
+        return df
+    number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+    if not (number and float(limit).is_integer() and limit >= 1):
+        raise ConfigError(setting, f"must be a positive number of rows or null, got {limit!r}")
+    if limit >= len(df):
         return df
     return df.sample(n=int(limit), random_state=seed).reset_index(drop=True)
 
@@ -231,8 +237,8 @@ def load_task_data(data_cfg: Any, seed: int) -> TaskData:
     train, test, label_names = _normalise(
         train, test, data_cfg.text_column, data_cfg.label_column, label_names, where
     )
-    train = _cap(train, data_cfg.max_train_samples, seed)
-    test = _cap(test, data_cfg.max_test_samples, seed)
+    train = _cap(train, data_cfg.max_train_samples, seed, "data.max_train_samples")
+    test = _cap(test, data_cfg.max_test_samples, seed, "data.max_test_samples")
     if train["label"].nunique() < 2:
         raise ConfigError(
             "data.max_train_samples", f"the capped training set of {where} holds only one class"

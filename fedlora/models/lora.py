@@ -67,6 +67,14 @@ def build_lora_model(base: PreTrainedModel, lora_cfg: Any, task_type: TaskType =
         # PEFT scales by lora_alpha / r: keep alpha / lora.r at every rank.
         config.lora_alpha = config.lora_alpha * rank / config.r
         config.r = int(rank)
+    # A layer holds a rank up to the smaller of its sizes. A rank no weight matrix can
+    # hold is refused before PEFT allocates rank x width factors (a typo such as 10**9
+    # asks for terabytes); preflight checks each adapted layer after this.
+    limit = max((min(p.shape) for p in base.parameters() if p.ndim == 2), default=0)
+    if config.r > limit:
+        setting = "lora.r" if rank is None or rank == lora_cfg.r else "federation.client_ranks"
+        raise ConfigError(setting, f"rank {config.r} exceeds what any weight matrix of the model can hold (min of "
+                          f"its input and output sizes: at most {limit}); lower the rank to at most {limit}")
     try:
         model = get_peft_model(base, config)
     except ValueError as err:
