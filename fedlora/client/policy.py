@@ -37,7 +37,8 @@ from fedlora.privacy.budgets import client_epsilon
 
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
-KEYS = ("max-epsilon", "privacy-unit", "require-secagg", "allow-remote-code", "allow-data-paths")
+# The node-config keys of a data holder's policy (data-root confines its own data-path).
+POLICY_KEYS = ("max-epsilon", "privacy-unit", "require-secagg", "allow-remote-code", "allow-data-paths", "data-root")
 
 
 class PolicyRefusal(ConfigError):

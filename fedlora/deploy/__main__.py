@@ -27,6 +27,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from fedlora.client.numpy_client import node_data_path
+from fedlora.client.policy import POLICY_KEYS, NodePolicy
 from fedlora.client.state import STATE_DIR_KEY
 from fedlora.core.config import OVERRIDES_FILE
 from fedlora.deploy import credentials as credentials_cli
@@ -127,6 +129,15 @@ def _node_config(args: argparse.Namespace) -> dict[str, object]:
         config["data-path"] = str(path)
     if getattr(args, "state_dir", None):
         config[STATE_DIR_KEY] = str(Path(args.state_dir).resolve())
+    # The data holder's own policy (fedlora.client.policy), checked on this node against every run.
+    for key in POLICY_KEYS:
+        value = getattr(args, key.replace("-", "_"), None)
+        if value not in (None, False):
+            config[key] = str(Path(value).resolve()) if key == "data-root" else value
+    # A malformed policy or a data-path outside data-root stops here, not at the first run.
+    NodePolicy.from_node_config(config)
+    if "data-path" in config:
+        config["data-path"] = node_data_path(config)
     if "partition-id" not in config:
         raise DeployError("pass --partition-id (this data holder's client id; with --num-partitions for a shard of the configured dataset, or with --data-path for local data)")
     if "data-path" not in config and "num-partitions" not in config:
@@ -305,6 +316,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="where this node keeps its own privacy-spend record, which must survive "
                    "restarts (default: $FLWR_HOME/fedlora-client-state)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT + 1, help="the SuperNode's local app API port")
+    policy = p.add_argument_group("this node's policy (SECURITY.md): runs asking for less are refused on the node")
+    policy.add_argument("--max-epsilon", type=float, help="the largest epsilon this node spends; also refuses no DP, "
+                        "plain evaluation and a fixed noise seed")
+    policy.add_argument("--privacy-unit", choices=["sample", "client"], help="the privacy unit this node requires")
+    policy.add_argument("--require-secagg", action="store_true", help="send updates only masked by SecAgg+")
+    policy.add_argument("--allow-remote-code", action="store_true", help="let a run set model.trust_remote_code")
+    policy.add_argument("--allow-data-paths", action="store_true", help="let a run name files on this node")
+    policy.add_argument("--data-root", help="--data-path must lie inside this directory")
     p.set_defaults(func=cmd_supernode)
 
     p = sub.add_parser("connect", help="write a SuperLink connection into $FLWR_HOME/config.toml")

@@ -125,3 +125,25 @@ def test_a_hostile_data_path_is_refused_before_it_is_read(tmp_path):
             node_data_path({**base, "data-path": hostile})
         assert needle in str(err.value)
     assert secret.read_text() == "text,label\nsecret,0\n"  # nothing read or changed
+
+
+def test_the_supernode_command_carries_the_policy_to_the_node(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from fedlora.deploy.__main__ import _node_config, main, parser
+    from fedlora.deploy.launch import node_config_text
+
+    (tmp_path / "mine.csv").write_text("text,label\na,1\n")
+    args = parser().parse_args(["supernode", "--insecure", "--superlink", "127.0.0.1:1", "--partition-id", "0",
+                                "--data-path", str(tmp_path / "mine.csv"), "--data-root", str(tmp_path),
+                                "--max-epsilon", "3", "--privacy-unit", "sample", "--require-secagg"])
+    # What the SuperNode's ClientApp reads back from Flower's --node-config.
+    node = parse_config_args([node_config_text(_node_config(args))])
+    policy = NodePolicy.from_node_config(node)
+    assert (policy.max_epsilon, policy.privacy_unit, policy.require_secagg) == (3.0, "sample", True)
+    assert not policy.allow_remote_code and not policy.allow_data_paths
+    assert "epsilon 8" in " ".join(policy.refusals(compose(["secure=secaggplus"]), 0))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    assert main(["supernode", "--insecure", "--superlink", "127.0.0.1:1", "--partition-id", "0",
+                 "--data-path", str(tmp_path / "mine.csv"), "--data-root", str(outside)]) == 2
