@@ -125,12 +125,19 @@ def _saved(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.zeros((4, 3), np.float32))
+    return buffer.getvalue()
+
+
 BLOBS = st.sampled_from([
     b"", b"\x00", b"not numpy", _pickled_object_array(),
     _saved(np.zeros((4, 3), np.float32))[:-5],  # truncated body
     _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4, 3), }"),  # header only
     _npy("{'descr': '<f4', 'fortran_order': False, 'shape': (10**12,), }"),  # claims a terabyte
     _npy("{'descr': 'garbage', 'fortran_order': False, 'shape': (5,), }", b"\x00" * 20),
+    b"PK\x03\x04", _npz(),  # np.load opens zip magic as an .npz archive
 ]) | st.binary(max_size=64)
 
 @st.composite
