@@ -87,7 +87,8 @@ class Federation:
         wait_listening(self.fleet_address, gateway, root / "gateway.log", name="gateway")
         write_connection(root / "flwr-home", CONNECTION, self.address, self.creds.ca_cert)
 
-    def add_node(self, index: int, num_partitions: int, register: bool = True) -> subprocess.Popen:
+    def add_node(self, index: int, num_partitions: int, register: bool = True,
+                 policy: dict | None = None) -> subprocess.Popen:
         private, public = Credentials(self.root).node_key(index), Credentials(self.root).node_public_key(index)
         if not private.is_file():
             private, public = make_node_keys(self.root, f"supernode-{index}")
@@ -95,7 +96,8 @@ class Federation:
             register_supernode(public, CONNECTION, self.env)
             self.registered.add(index)
         cmd = supernode_command(
-            self.fleet_address, {"partition-id": index, "num-partitions": num_partitions}, _free_port(),
+            self.fleet_address, {"partition-id": index, "num-partitions": num_partitions, **(policy or {})},
+            _free_port(),
             self.creds.ca_cert, private, max_wait_s=20,
         )
         proc = start(cmd, self.root / f"supernode-{index}.log", self.node_env, cwd=APP_DIR)
@@ -276,6 +278,32 @@ def test_round_completes_when_a_supernode_dies(federation, tmp_path):
     assert r1["num_accepted"] == 2
     assert {c["cid"] for c in r1["clients"]} == {0, 1}
     assert len(r1["failures"]) == 1 and r1["failures"][0]["reason"]
+
+
+def test_a_node_refuses_a_run_beyond_its_own_policy(federation, tmp_path):
+    """SuperNode 1 spends at most epsilon 4 (its node config): a run asking epsilon 8 is
+    refused on that node, with its reason, before it loads anything; node 0 trains."""
+    federation.ensure_nodes(2, 2)
+    stop(federation.nodes[1].pid)
+    federation.add_node(1, 2, policy={"max-epsilon": 4.0})
+    try:
+        wait_for_online(CONNECTION, federation.env, 2, timeout_s=90)
+        run_dir = tmp_path / "policy"
+        proc = federation.flwr_run(
+            f"{SMALL} federation.num_clients=2 federation.rounds=1 federation.min_fit_clients=2 "
+            "federation.min_fit_results=1 federation.fraction_evaluate=0 train.local_steps=2", run_dir,
+            log_name="policy")
+        _wait(proc, federation, "policy", 300)
+        res = json.loads((run_dir / "results.json").read_text())
+        r1 = next(r for r in res["rounds"] if r["round"] == 1)
+        assert [c["cid"] for c in r1["clients"] if c["accepted"]] == [0]
+        assert {e.client for e in PrivacyLedger.from_dict(res["privacy_ledger"]).entries} == {"0"}
+        assert len(r1["failures"]) == 1
+        node_log = federation.log("supernode-1")
+        assert "refuses the run" in r1["failures"][0]["reason"] + node_log
+        assert "max-epsilon is 4" in r1["failures"][0]["reason"] + node_log
+    finally:
+        stop(federation.nodes[1].pid)  # the next test that needs it restarts it without the policy
 
 
 def test_failed_round_below_minimum_stops_and_resumes(federation, tmp_path):
