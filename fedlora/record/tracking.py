@@ -302,6 +302,10 @@ class WandbTracker:
             summary[f"final/{EPSILON_KEY[unit].split('/')[1]}"] = final.get("epsilon")
         for accountant, eps in (final.get("epsilon_by_accountant") or {}).items():
             summary[f"privacy/epsilon_{accountant}"] = eps
+        # The audit log's head, pinned where whoever later holds the run dir cannot rewrite it
+        # (python -m fedlora.record.audit checks the log against such a pin).
+        pin = final.get("audit") or {}
+        summary["audit/lines"], summary["audit/head_sha256"] = pin.get("line"), pin.get("sha256")
         self.run.summary.update({k: v for k, v in summary.items() if v is not None})
         rows = client_epsilon_rows(recorder)
         if rows:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from fedlora.core.errors import ConfigError
 from fedlora.privacy import epsilon_from_history
+from fedlora.record.audit import AuditTrail
 from fedlora.record.results import RunRecorder
 from fedlora.record.tracking import (
     attach_tracking,
@@ -116,6 +117,9 @@ def _play(recorder: RunRecorder, accuracies=(0.5, 0.625, 0.75)):
 def test_offline_run_holds_rounds_config_epsilon_table_and_adapter(tmp_path, wandb_env):
     cfg = _cfg(group="multirun/2026-11-28/10-00-00", name="job 0: seed=1", tags=["unit-test"])
     recorder = RunRecorder(tmp_path / "run", OmegaConf.to_container(cfg), "sample", 1e-5, 2, echo=lambda _: None)
+    audit = AuditTrail(tmp_path / "run", recorder.config)  # listens first, as in the ServerApp
+    recorder.listeners.append(audit)
+    audit.start(recorder)
     observers = attach_tracking(recorder, cfg)
     assert [type(o).__name__ for o in observers] == ["WandbTracker"]
     _play(recorder)
@@ -158,6 +162,8 @@ def test_offline_run_holds_rounds_config_epsilon_table_and_adapter(tmp_path, wan
     summary = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
                for r in records if r.WhichOneof("record_type") == "summary" for i in r.summary.update}
     assert summary["final/accuracy"] == 0.75 and summary["final/epsilon_sample_level"] == pytest.approx(_eps(1, 2))
+    # The audit log's head, pinned in W&B where whoever holds the run dir later cannot rewrite it.
+    assert summary["audit/head_sha256"] == results["final"]["audit"]["sha256"] == audit.log.head
     assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
     assert not wandb_processes()
 
