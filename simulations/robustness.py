@@ -54,7 +54,8 @@ def run_cell(aggregator: str, attack: str, out: Path, extra: list[str]) -> dict:
         print(f"{aggregator} x {attack}: {payload['final']['accuracy']:.4f} ({time.time() - start:.0f} s)",
               flush=True)
     final = payload["final"]
-    reported = [r["federated_evaluation"] for r in payload["rounds"] if r.get("federated_evaluation")]
+    rounds = payload.get("rounds") or []
+    reported = [r["federated_evaluation"] for r in rounds if r.get("federated_evaluation")]
     return {
         "aggregator": aggregator,
         "attack": attack,
@@ -63,8 +64,8 @@ def run_cell(aggregator: str, attack: str, out: Path, extra: list[str]) -> dict:
         # The clients' own evaluation (their median) in the last round, and how many
         # rounds flagged an outlier report.
         "client_reported_accuracy": reported[-1].get("accuracy") if reported else None,
-        "rounds_with_outliers": sum(1 for r in payload["rounds"] if r.get("evaluation_outliers")),
-        "weights_bounded": sum(len(r.get("weights_bounded") or []) for r in payload["rounds"]),
+        "rounds_with_outliers": sum(1 for r in rounds if r.get("evaluation_outliers")),
+        "weights_bounded": sum(len(r.get("weights_bounded") or []) for r in rounds),
         "wall_s": final["wall_s"],
         "run_dir": str(run_dir),
     }
