@@ -9,8 +9,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # The audit log's initial keys and current-key state go to a folder of this test session,
 # not the user's ~/.fedlora (subprocesses inherit it).
 _AUDIT_HOME = __import__("tempfile").mkdtemp(prefix="fedlora-test-audit-")
-os.environ.setdefault("FEDLORA_AUDIT_KEY", os.path.join(_AUDIT_HOME, "keys"))
-os.environ.setdefault("FEDLORA_AUDIT_STATE", os.path.join(_AUDIT_HOME, "state"))
+__import__("atexit").register(__import__("shutil").rmtree, _AUDIT_HOME, True)
+for _name, _env in (("keys", "FEDLORA_AUDIT_KEY"), ("state", "FEDLORA_AUDIT_STATE")):
+    os.makedirs(os.path.join(_AUDIT_HOME, _name), exist_ok=True)  # a folder: one key file per run
+    os.environ.setdefault(_env, os.path.join(_AUDIT_HOME, _name))
 
 import pytest  # noqa: E402
 
