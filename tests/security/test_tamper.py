@@ -21,6 +21,7 @@ from fedlora.record.audit import (
 from fedlora.record.checkpoint import (
     Checkpoint,
     CheckpointError,
+    content_digest,
     load_checkpoint,
     save_checkpoint,
 )
@@ -244,3 +245,34 @@ def test_a_rewritten_chain_is_caught_with_the_key_but_not_without(tmp_path):
     assert any(p.startswith(f"line 3: {MAC_FIELD} does not match") for p in problems)
     # Every later line still carries its old MAC, over a prev_sha256 that has changed.
     assert {p.split(":")[0] for p in problems if MAC_FIELD in p} == {"line 3", "line 4", "line 5", "line 6"}
+
+
+def test_a_checkpoint_without_its_digest_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, Checkpoint(round=1, global_arrays=[np.ones(3, np.float32)]))
+    members = _members(path)
+    del members["sha256"]  # an older checkpoint, or one whose digest was stripped
+    _rewrite(path, members)
+    with pytest.raises(CheckpointError, match=r"member\(s\) \['sha256'\] missing"):
+        load_checkpoint(path)
+
+
+def test_a_member_added_with_a_recomputed_digest_is_refused(tmp_path):
+    """The structure is checked too: the digest alone would accept what its writer hashed."""
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, Checkpoint(round=1, global_arrays=[np.ones(3, np.float32)]))
+    members = _members(path)
+    del members["sha256"]
+    members["global_1"] = np.zeros(3, np.float32)  # more global arrays than meta's num_global
+    members["sha256"] = np.frombuffer(content_digest(members).encode(), dtype=np.uint8)
+    _rewrite(path, members)
+    with pytest.raises(CheckpointError, match="should hold 1 global arrays"):
+        load_checkpoint(path)
+    meta = json.loads(bytes(members["meta"]).decode())
+    meta["round"] = -1
+    members = {k: v for k, v in members.items() if k not in ("sha256", "global_1")}
+    members["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    members["sha256"] = np.frombuffer(content_digest(members).encode(), dtype=np.uint8)
+    _rewrite(path, members)
+    with pytest.raises(CheckpointError, match="round is not a non-negative integer"):
+        load_checkpoint(path)
