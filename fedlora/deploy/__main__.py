@@ -58,7 +58,7 @@ from fedlora.deploy.runs import RUNS_ROOT_ENV
 
 APP_DIR = Path(__file__).resolve().parents[2]
 STATE = "pids.json"
-WILDCARD = ("0.0.0.0", "::")  # names compared against --public-host; nothing binds them here
+WILDCARD = ("0.0.0.0", "::")  # nosec B104 # names compared against --public-host, nothing binds them here
 
 
 def _show(cmd: list[str]) -> None:
@@ -299,7 +299,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="the public TLS endpoint for SuperNodes: the Fleet API only (foreground)")
     _security(p)
     p.add_argument("--superlink", default=f"127.0.0.1:{DEFAULT_PORT}", help="the SuperLink's host:port (its --port)")
-    p.add_argument("--host", default="0.0.0.0",  # the public endpoint by design: Fleet API only
+    p.add_argument("--host", default="0.0.0.0",  # nosec B104 # the public endpoint by design; Fleet API only
                    help="interface data holders reach")
     p.add_argument("--port", type=int, default=DEFAULT_FLEET_PORT)
     p.set_defaults(func=cmd_gateway)
