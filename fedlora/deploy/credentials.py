@@ -178,6 +178,12 @@ def check_tls(ca_cert: Path, server_cert: Path | None = None, server_key: Path |
     if server_cert is None:
         return
     cert = x509.load_pem_x509_certificate(Path(server_cert).read_bytes())
+    now = dt.datetime.now(dt.timezone.utc)
+    for label, path, c in (("CA certificate", ca_cert, ca), ("server certificate", server_cert, cert)):
+        if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
+            raise ValueError(f"{label} {path} is valid from {c.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                             f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now; regenerate the credentials "
+                             f"(--days sets how long they last), or {fix}")
     try:
         cert.verify_directly_issued_by(ca)
     except (InvalidSignature, ValueError, TypeError) as err:  # other issuer / key type

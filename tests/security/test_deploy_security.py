@@ -204,3 +204,65 @@ def test_a_file_planted_at_the_temporary_name_is_not_followed(tmp_path):
     write_atomic(tmp_path / "key", b"secret", private=True)
     assert target.read_bytes() == b"keep"
     assert (tmp_path / "key").read_bytes() == b"secret" and not (tmp_path / "key").is_symlink()
+
+
+def _tls_server(creds_root):
+    """A TLS listener on loopback presenting the server certificate under ``creds_root``;
+    (address, stop)."""
+    import socket
+    import ssl
+    import threading
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(creds_root / "certificates" / "server.pem", creds_root / "certificates" / "server.key")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    done = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop():
+        done.set()
+        thread.join(timeout=5)
+        listener.close()
+
+    return f"127.0.0.1:{listener.getsockname()[1]}", stop
+
+
+@pytest.mark.parametrize("hosts, days, needle", [
+    (["superlink.example.org"], 30, "IP address mismatch"),  # a certificate for another host
+    (["127.0.0.1"], 0, "expired"),  # valid until the moment it was made
+])
+def test_a_superlink_certificate_for_another_host_or_expired_is_refused(tmp_path, hosts, days, needle):
+    import time
+
+    from fedlora.deploy.credentials import check_tls, make_tls
+    from fedlora.deploy.launch import DeployError, check_superlink
+
+    files = make_tls(tmp_path, hosts=hosts, days=days)
+    time.sleep(0.01 if days else 1.1)
+    address, stop = _tls_server(tmp_path)
+    try:
+        with pytest.raises(DeployError, match="does not verify") as err:
+            check_superlink(address, files.ca_cert)
+        assert needle in str(err.value)
+    finally:
+        stop()
+    if not days:  # the SuperLink's own start refuses expired credentials too, naming the fix
+        with pytest.raises(ValueError, match="not now; regenerate the credentials"):
+            check_tls(files.ca_cert, files.server_cert, files.server_key)
