@@ -65,8 +65,7 @@ class FitReply:
         """The reply in ``metrics`` (keys it does not know are ignored); a value of the
         wrong type, a non-UTF-8 or oversized text or a malformed history raises
         :class:`MalformedReply` with the reason: a client's reply is untrusted input."""
-        known = {f.name: f for f in fields(cls)}
-        values = {k: _parse(k, v) for k, v in metrics.items() if k in known}
+        values = {k: _parse(k, v) for k, v in metrics.items() if k in REPLY_FIELDS}
         values.setdefault("partition_id", default_partition)
         values.setdefault("privacy_unit", "none")
         values.setdefault("num_examples", 0)
