@@ -111,7 +111,7 @@ def test_secaggplus_with_client_level_dp(tmp_path):
     internal = [json.loads(x) for x in (tmp_path / "server_internal" / "rounds.jsonl").read_text().splitlines()]
     assert [len(x["clients"]) for x in internal] == [4, 4]  # q = 1: everyone, every round
     assert all(set(c) <= {"cid", "partition_id", "privacy_unit", "steps", "probe_steps", "num_examples", "node_id",
-                          "bytes_up", "bytes_down", "accepted"} for x in internal for c in x["clients"])
+                          "server_round", "bytes_up", "bytes_down", "accepted"} for x in internal for c in x["clients"])
     assert res["final"]["epsilon"] > 0 and len(res["privacy_ledger"]["entries"]) == 2
 
 
