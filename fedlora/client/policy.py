@@ -20,9 +20,12 @@ Node-config keys (all optional; Flower's node config is ``key=value`` pairs):
   refused whatever the run config says (:func:`fedlora.client.app.secure_mod`).
 - ``allow-remote-code=true``: let the run set ``model.trust_remote_code=true``
   (refused by default: it executes the model repository's code on the node).
-- ``allow-data-paths=true``: let the run name files on the node (``data.path``,
-  ``data.test_path``, or a path as ``data.name`` / ``model.name``); refused by default:
-  the node's own data is its ``data-path`` node config, set by the data holder.
+- ``allow-data-paths=true``: let the run name files or folders on the node (``data.path``,
+  ``data.test_path``, caches such as ``model.frozen_prefix_dir``, or a path given as
+  ``data.name`` / ``model.name_or_path``; :func:`node_paths`); refused by default: the
+  node's own data is its ``data-path`` node config, set by the data holder.
+- ``data-root=<dir>``: the node's own ``data-path`` must resolve inside it
+  (:func:`fedlora.client.numpy_client.node_data_path`).
 """
 
 from __future__ import annotations
