@@ -24,13 +24,14 @@ from fedlora.core.compression import Codec
 from fedlora.core.config import canonical_json, seed_for
 from fedlora.core.profiles import Profiles
 from fedlora.core.secure import SecAggSettings, secure_enabled, secure_settings
-from fedlora.core.units import CLIENT, SAMPLE, unit_of
+from fedlora.core.units import CLIENT, NONE, SAMPLE, unit_of
 from fedlora.data import client_split, partition_indices
+from fedlora.data.partition import mean_shard_size
 from fedlora.data.sources import TaskData
 from fedlora.leakage.canaries import CanaryPlan, audit_settings, plan_canaries
 from fedlora.models.ranks import RankPlan
 from fedlora.privacy import DPPlan, plan_sample_dp
-from fedlora.privacy.budgets import client_epsilon
+from fedlora.privacy.budgets import client_epsilons
 from fedlora.privacy.calibration import (
     ClientDPPlan,
     client_level_plan,
@@ -124,19 +125,25 @@ def weight_examples(cfg: Any, federation_train_size: int, actual: int) -> int:
     client-level DP 1 (every client weighs the same in DP-FedAvg); without DP the real size."""
     unit = unit_of(cfg)
     if unit == SAMPLE:
-        return declared_examples(cfg.privacy, federation_train_size, int(cfg.federation.num_clients),
-                                 float(cfg.data.validation_fraction))
+        shard = mean_shard_size(cfg.partition, federation_train_size, int(cfg.federation.num_clients))
+        return declared_examples(cfg.privacy, shard, float(cfg.data.validation_fraction))
     return 1 if unit == CLIENT else int(actual)
 
 
-def client_dp_plan(cfg: Any, num_examples: int, client: int) -> DPPlan | None:
-    """The sample-level DP plan of a client whose (declared) training-set size is
-    ``num_examples``, for its own budget; None without sample-level DP."""
+def client_dp_plans(cfg: Any, num_examples: list[int]) -> list[DPPlan | None]:
+    """The sample-level DP plan of every client (client i's declared training-set size
+    ``num_examples[i]``, its own budget); all None without sample-level DP. Clients with
+    the same size and budget share one plan, so a large federation calibrates a few."""
     if unit_of(cfg) != SAMPLE:
-        return None
-    eps = client_epsilon(cfg.privacy, client, int(cfg.federation.num_clients))
-    return plan_sample_dp(num_examples, cfg.train, cfg.privacy, int(cfg.federation.rounds), eps,
-                          evaluations=planned_evaluations(cfg))
+        return [None] * len(num_examples)
+    n = int(cfg.federation.num_clients)
+    budgets = client_epsilons(cfg.privacy, range(len(num_examples)), n)
+    rounds, evaluations = int(cfg.federation.rounds), planned_evaluations(cfg)
+    plans: dict[tuple[int, float], DPPlan] = {}
+    for size, eps in zip(num_examples, budgets.values()):
+        if (size, eps) not in plans:
+            plans[size, eps] = plan_sample_dp(size, cfg.train, cfg.privacy, rounds, eps, evaluations=evaluations)
+    return [plans[size, eps] for size, eps in zip(num_examples, budgets.values())]
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,12 +175,12 @@ def build_plan(cfg: Any) -> ExperimentPlan:
     count = audit_settings(cfg)[0]
     canaries = plan_canaries(cfg, get_task(cfg.model).canaries(task, count, int(cfg.seed)) if count else None,
                              [len(train) for train, _ in splits], int(cfg.seed))
-    clients = []
-    for pid, (train_idx, val_idx) in enumerate(splits):
-        held = canaries.of_client(pid) if canaries else ()
-        weight = weight_examples(cfg, len(task.train), len(train_idx) + len(held))
-        clients.append(ClientPlan(client=pid, train_indices=train_idx, val_indices=val_idx, num_examples=weight,
-                                  dp=client_dp_plan(cfg, weight, pid), malicious=pid in malicious, canaries=held))
+    held = [canaries.of_client(pid) if canaries else () for pid in range(n)]
+    declared = weight_examples(cfg, len(task.train), 0) if unit_of(cfg) != NONE else None
+    weights = [declared if declared is not None else len(train) + len(h) for (train, _), h in zip(splits, held)]
+    clients = [ClientPlan(client=pid, train_indices=train_idx, val_indices=val_idx, num_examples=weights[pid], dp=dp,
+                          malicious=pid in malicious, canaries=held[pid])
+               for pid, ((train_idx, val_idx), dp) in enumerate(zip(splits, client_dp_plans(cfg, weights)))]
     secagg = None
     if secure_enabled(cfg):
         secagg = secure_settings(cfg, max(c.num_examples for c in clients))

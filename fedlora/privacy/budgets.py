@@ -36,15 +36,21 @@ def fraction_clients(privacy_cfg: Any, num_clients: int) -> set[int]:
     return {int(i) for i in rng.choice(num_clients, size=k, replace=False)}
 
 
-def client_epsilon(privacy_cfg: Any, client: int, num_clients: int) -> float:
-    """Target epsilon of ``client``: id override, else seeded fraction, else the default."""
+def client_epsilons(privacy_cfg: Any, clients: Any, num_clients: int) -> dict[int, float]:
+    """Target epsilon of each of ``clients``: id override, else seeded fraction, else the
+    default. The seeded fraction is drawn once for all of them (a federation of 10,000
+    clients is planned in one pass)."""
     b = _budgets_cfg(privacy_cfg)
-    overrides = {str(k): v for k, v in dict(b.get("overrides") or {}).items()}
-    if str(client) in overrides:
-        return float(overrides[str(client)])
-    if client in fraction_clients(privacy_cfg, num_clients):
-        return float(b["fraction_epsilon"])
-    return float(privacy_cfg.target_epsilon)
+    overrides = {str(k): float(v) for k, v in dict(b.get("overrides") or {}).items()}
+    drawn = fraction_clients(privacy_cfg, num_clients)
+    default = float(privacy_cfg.target_epsilon)
+    fraction_eps = float(b["fraction_epsilon"]) if drawn else default
+    return {int(c): overrides.get(str(c), fraction_eps if int(c) in drawn else default) for c in clients}
+
+
+def client_epsilon(privacy_cfg: Any, client: int, num_clients: int) -> float:
+    """Target epsilon of ``client`` (:func:`client_epsilons`)."""
+    return client_epsilons(privacy_cfg, [client], num_clients)[int(client)]
 
 
 def check_budgets(privacy_cfg: Any, num_clients: int) -> None:
@@ -73,4 +79,4 @@ def client_budgets(privacy_cfg: Any, num_clients: int) -> dict[str, float]:
         return {}
     if isinstance(privacy_cfg, dict):
         privacy_cfg = OmegaConf.create(privacy_cfg)
-    return {str(c): client_epsilon(privacy_cfg, c, num_clients) for c in range(int(num_clients))}
+    return {str(c): eps for c, eps in client_epsilons(privacy_cfg, range(int(num_clients)), num_clients).items()}

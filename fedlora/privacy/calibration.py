@@ -89,7 +89,7 @@ def probe_steps(train_cfg: Any) -> int:
     return steps
 
 
-def declared_examples(privacy_cfg: Any, train_size: int, num_clients: int, validation_fraction: float) -> int:
+def declared_examples(privacy_cfg: Any, mean_shard: int, validation_fraction: float) -> int:
     """The training-set size every client declares under sample-level DP (public).
 
     Each client's sample rate q = B / n, its steps per round and the delta < 1/n check
@@ -97,15 +97,16 @@ def declared_examples(privacy_cfg: Any, train_size: int, num_clients: int, valid
     client's real size is never published: the add/remove-one analysis of Poisson
     sampling at the public rate q holds (a published real n would not be covered by it).
     ``privacy.declared_examples`` sets it; the default is the training part of the mean
-    shard of the configured dataset (its size and the federation's are public), which is
-    every client's real size under an IID split.
+    shard ``mean_shard`` (:func:`fedlora.data.partition.mean_shard_size`: public, from the
+    dataset's size, the federation's and the partition), which is every client's real
+    size under an IID split or replication.
     """
     given = privacy_cfg.get("declared_examples")
     if given is not None:
         if int(given) < 1:
             raise ConfigError("privacy.declared_examples", f"must be >= 1 (or null), got {given}")
         return int(given)
-    shard = max(1, int(train_size) // max(1, int(num_clients)))
+    shard = max(1, int(mean_shard))
     return shard - min(int(round(float(validation_fraction) * shard)), shard - 1)
 
 

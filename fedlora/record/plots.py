@@ -7,6 +7,11 @@
   accepted, not selected by the aggregator, rejected, declined, no reply, not sampled;
   malicious clients marked).
 
+Large federations stay readable and cheap: beyond :data:`MAX_ROWS` clients the epsilon
+plot shows the spread over the clients that took part (min, median, max per round) and
+the participation plot the number of clients per round in each state; no plot ever
+holds a row per client of the federation, only per client that took part.
+
 :class:`RunPlots` is a :class:`fedlora.record.results.RunRecorder` listener that rewrites them
 after every round, so a crashed run still has its plots, and at the end. Every file is
 written to a temporary name and renamed, so a reader never sees a half-written PNG.
@@ -27,10 +32,12 @@ from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from fedlora.core.files import write_atomic  # noqa: E402
 from fedlora.core.units import SAMPLE  # noqa: E402
-from fedlora.privacy.budgets import client_budgets  # noqa: E402
+from fedlora.privacy.budgets import client_epsilons  # noqa: E402
 from fedlora.privacy.ledger import EVERY_CLIENT, PrivacyLedger  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,16 @@ EPSILON_PNG = "epsilon.png"
 PARTICIPATION_PNG = "participation.png"
 # Above this many clients a legend hides the plot; the budget lines still show.
 _MAX_LEGEND = 12
+# Above this many clients a row (or curve) per client is unreadable: aggregate.
+MAX_ROWS = 200
+
+
+def _budgets(privacy: dict[str, Any], clients: list[str], num_clients: int) -> dict[str, float]:
+    """The budgets of the clients that spent (sample-level DP), not of every client."""
+    if privacy.get("unit") != SAMPLE or privacy.get("target_epsilon") is None:
+        return {}
+    ids = [int(c) for c in clients if str(c).isdigit()]
+    return {str(c): eps for c, eps in client_epsilons(OmegaConf.create(privacy), ids, num_clients).items()}
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -93,6 +110,8 @@ def plot_epsilon(
     budgets = budgets or {}
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     by_client = ledger.epsilon_by_round(accountant)
+    if len(by_client) > MAX_ROWS:
+        return _plot_epsilon_spread(fig, ax, by_client, path, accountant, target, unit, budgets, delta)
     for client, by_round in by_client.items():
         rounds = sorted(by_round)
         label = "every client" if client == EVERY_CLIENT else f"client {client}"
@@ -107,17 +126,45 @@ def plot_epsilon(
     elif target is not None:
         ax.axhline(target, linestyle="--", color="black", linewidth=1)
         handles.append(Line2D([], [], linestyle="--", color="black", linewidth=1, label=f"target {target:g}"))
+    if len(by_client) <= _MAX_LEGEND:
+        ax.legend(handles=handles, fontsize="small")
+    return _finish_epsilon(fig, ax, path, accountant, unit, delta)
+
+
+def _finish_epsilon(fig: Any, ax: Any, path: Path, accountant: str, unit: str, delta: float | None) -> Path:
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"epsilon ({accountant.upper()}, cumulative)")
     delta_text = f", delta={delta:g}" if delta is not None else ""
     ax.set_title(f"Privacy spent per client ({unit}-level{delta_text})")
-    if len(by_client) <= _MAX_LEGEND:
-        ax.legend(handles=handles, fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _plot_epsilon_spread(fig: Any, ax: Any, by_client: dict[str, dict[int, float]], path: Path, accountant: str,
+                         target: float | None, unit: str, budgets: dict[str, float], delta: float | None) -> Path:
+    """Many clients: after each round, the min, median and max epsilon over the clients
+    that had spent by then, and the smallest budget among them."""
+    rounds = sorted({r for by_round in by_client.values() for r in by_round})
+    spent: dict[int, list[float]] = {r: [] for r in rounds}
+    for by_round in by_client.values():
+        own = sorted(by_round)
+        for r in rounds:
+            past = [x for x in own if x <= r]
+            if past:
+                spent[r].append(by_round[past[-1]])
+    lows, mids, highs = ([float(f(spent[r])) for r in rounds] for f in (np.min, np.median, np.max))
+    ax.fill_between(rounds, lows, highs, alpha=0.3, label=f"min-max over {len(by_client)} clients")
+    ax.plot(rounds, mids, marker="o", label="median client")
+    shown = [budgets[c] for c in by_client if c in budgets]
+    if shown or target is not None:
+        line = min(shown) if shown else target
+        ax.axhline(line, linestyle="--", color="black", linewidth=1,
+                   label=f"smallest budget {line:g}" if shown else f"target {line:g}")
+    ax.legend(fontsize="small")
+    return _finish_epsilon(fig, ax, path, accountant, unit, delta)
 
 
 # Participation states, in the order of their colours.
@@ -163,17 +210,31 @@ def participation_grid(rounds: list[dict[str, Any]], client_ids: list[str]) -> t
     return xs, grid
 
 
+def participation_rows(rounds: list[dict[str, Any]], num_clients: int) -> list[str]:
+    """The participation plot's rows: every client of a federation of at most
+    :data:`MAX_ROWS`, only the clients ever sampled or heard from in a larger one (the
+    plot's cost follows the clients that took part, not the federation's size)."""
+    seen: dict[str, None] = {}
+    for rec in rounds:  # clients outside 0..N-1 (e.g. node ids) still get a row
+        for cid in [*(rec.get("sampled") or {}).get("clients", []), *(i.get("cid") for i in rec.get("clients", []))]:
+            seen[str(cid)] = None
+    if int(num_clients) <= MAX_ROWS:
+        everyone = [str(c) for c in range(int(num_clients))]
+        return everyone + [c for c in seen if c not in set(everyone)]
+    return sorted(seen, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+
+
 def plot_participation(
     rounds: list[dict[str, Any]], num_clients: int, path: Path, malicious: list[Any] | None = None,
     attack: str | None = None,
 ) -> Path:
-    """Client x round grid coloured by what happened to each client's update."""
-    ids = [str(c) for c in range(int(num_clients))]
-    for rec in rounds:  # clients outside 0..N-1 (e.g. node ids) still get a row
-        for info in rec.get("clients", []):
-            if str(info.get("cid")) not in ids:
-                ids.append(str(info.get("cid")))
+    """Client x round grid coloured by what happened to each client's update (rows:
+    :func:`participation_rows`); beyond :data:`MAX_ROWS` rows, the count of clients in
+    each state per round."""
+    ids = participation_rows(rounds, num_clients)
     xs, grid = participation_grid(rounds, ids)
+    if len(ids) > MAX_ROWS:
+        return _plot_participation_counts(xs, grid, int(num_clients), path)
     malicious = {str(m) for m in (malicious or [])}
     height = min(max(2.0 + 0.22 * len(ids), 3.0), 16.0)
     width = min(max(4.0 + 0.35 * len(xs), 6.4), 16.0)
@@ -208,6 +269,27 @@ def plot_participation(
     return _save(fig, path)
 
 
+def _plot_participation_counts(xs: list[int], grid: list[list[int]], num_clients: int, path: Path) -> Path:
+    """Many clients: per round, how many clients ended in each state (stacked bars)."""
+    fig, ax = plt.subplots(figsize=(min(max(4.0 + 0.35 * len(xs), 6.4), 16.0), 4.0))
+    counts = np.zeros((len(STATES), len(xs)), dtype=int)
+    for row in grid:
+        for col, state in enumerate(row):
+            counts[state, col] += 1
+    bottom = np.zeros(len(xs), dtype=int)
+    for state in range(1, len(STATES)):  # "not sampled" is everyone else
+        if counts[state].any():
+            ax.bar(xs, counts[state], bottom=bottom, color=_COLOURS[state], label=STATES[state])
+            bottom += counts[state]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("clients")
+    ax.set_title(f"Client participation ({num_clients} clients, {len(grid)} ever sampled)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 class RunPlots:
     """A :class:`fedlora.record.results.RunRecorder` listener that writes the run's PNG plots."""
 
@@ -225,7 +307,7 @@ class RunPlots:
             target = privacy.get("target_epsilon")
             plot_epsilon(recorder.ledger, self.run_dir / EPSILON_PNG, recorder.accountant,
                          None if target is None else float(target), unit=recorder.privacy_unit,
-                         budgets=client_budgets(privacy, num_clients), delta=recorder.delta)
+                         budgets=_budgets(privacy, recorder.ledger.clients(), num_clients), delta=recorder.delta)
         if not recorder.release.participation_public:
             # Under client-level DP who took part is secret and the counts are not noised:
             # no participation plot at all.

@@ -112,6 +112,32 @@ def test_more_clients_than_examples():
     assert err.value.setting == "federation.num_clients"
 
 
+def test_replicate_gives_every_client_the_same_rows_at_any_federation_size():
+    cfg = compose(["partition=replicate", "partition.examples_per_client=50", "data.max_train_samples=200"])
+    task = load_task_data(cfg.data, 0)
+    small = partition_indices(task.train, 10, cfg.partition)
+    large = partition_indices(task.train, 5000, cfg.partition)  # more clients than rows
+    assert len(large) == 5000 and {len(p) for p in large} == {50}
+    assert all(len(set(p.tolist())) == 50 and p.max() < 200 for p in large[:50])  # no row twice in one shard
+    # A client's shard is its own seeded draw: the same in a federation of 10 or 5,000.
+    assert all(np.array_equal(a, b) for a, b in zip(small, large))
+    assert not np.array_equal(large[0], large[1])
+    with pytest.raises(ConfigError, match=r"\[1, 200\]") as err:
+        partition_indices(task.train, 3, compose(["partition=replicate", "partition.examples_per_client=201"]).partition)
+    assert err.value.setting == "partition.examples_per_client"
+
+
+def test_replicate_declares_its_shard_size_under_sample_level_dp():
+    from fedlora.plan import build_plan
+
+    cfg = compose(["model=tiny_bert", "train.probe_steps=0", "partition=replicate",
+                   "partition.examples_per_client=100", "federation.num_clients=3000", "data.max_train_samples=400"])
+    plan = build_plan(cfg)
+    # The training part of a 100-row shard (10% validation), not 400 rows / 3000 clients.
+    assert {c.num_examples for c in plan.clients} == {90}
+    assert plan.clients[0].dp is plan.clients[2999].dp  # one calibration shared by equal clients
+
+
 def test_client_split_keeps_a_training_row():
     tr, va = client_split(np.arange(10), 0.2, 0)
     assert len(tr) == 8 and len(va) == 2 and not set(tr) & set(va)

@@ -88,3 +88,35 @@ def test_client_level_dp_plots_one_curve_for_every_client(tmp_path):
     assert rec.ledger.clients() == ["all"]
     size, _, _ = _png_size(tmp_path / EPSILON_PNG)
     assert size > 5_000
+
+
+def _large_recorder(tmp_path, num_clients, per_round, rounds=3):
+    config = {"privacy": {**PRIVACY, "budgets": None}, "federation": {"num_clients": num_clients}}
+    rec = RunRecorder(tmp_path, config, privacy_unit="sample", delta=1e-5, num_rounds=rounds, echo=lambda _: None)
+    rec.listeners.append(RunPlots(tmp_path))
+    rec.on_evaluate(0, 0.69, {"accuracy": 0.5})
+    for rnd in range(1, rounds + 1):
+        cids = [(rnd - 1) * per_round + i for i in range(per_round)]
+        rec.on_sample(rnd, [str(100 + c) for c in cids])
+        rec.on_fit(rnd, [_client(c, 1) for c in cids], [], 0.0)
+        rec.on_evaluate(rnd, 0.6, {"accuracy": 0.6})
+    return rec
+
+
+def test_large_federation_plots_follow_participants_not_federation(tmp_path):
+    from fedlora.record.plots import MAX_ROWS, participation_rows
+
+    rec = _large_recorder(tmp_path, num_clients=10_000, per_round=10)
+    rounds = [rec.rounds[r] for r in sorted(rec.rounds)]
+    rows = participation_rows(rounds, 10_000)
+    assert rows == [str(c) for c in range(30)]  # the 30 that took part, not 10,000
+    assert participation_rows(rounds, 4)[:4] == ["0", "1", "2", "3"]  # small: everyone, never sampled included
+    _, width, height = _png_size(tmp_path / PARTICIPATION_PNG)
+    assert height <= 1600 and width <= 1600
+    # Beyond MAX_ROWS participants both plots aggregate and stay a normal figure.
+    many = tmp_path / "many"
+    rec = _large_recorder(many, num_clients=10_000, per_round=MAX_ROWS // 2 + 1)
+    assert len(participation_rows([rec.rounds[r] for r in sorted(rec.rounds)], 10_000)) > MAX_ROWS
+    for name in (EPSILON_PNG, PARTICIPATION_PNG):
+        _, width, height = _png_size(many / name)
+        assert width <= 1600 and height <= 500, name
