@@ -99,6 +99,20 @@ class ExperimentPlan:
     def client(self, client: int) -> ClientPlan:
         return self.clients[int(client)]
 
+    def planned_round_spend(self, client: str | None) -> tuple[float, float, int] | None:
+        """What one round costs ``client`` under sample-level DP, ``(noise multiplier,
+        sample rate, steps)`` as its ledger entries hold it; for an unknown client
+        (None) the costliest of any client's (smallest noise, largest rate and steps);
+        None without sample-level DP."""
+        if client is not None and str(client).isdigit() and int(client) < self.num_clients:
+            dp = self.client(int(client)).dp
+            return None if dp is None else (dp.noise_multiplier, dp.sample_rate, dp.steps_per_round)
+        plans = {id(c.dp): c.dp for c in self.clients if c.dp is not None}.values()
+        if not plans:
+            return None
+        return (min(p.noise_multiplier for p in plans), max(p.sample_rate for p in plans),
+                max(p.steps_per_round for p in plans))
+
     def task_data(self) -> TaskData:
         """The configured dataset (loaded once per process)."""
         return self.task.load_data(self.cfg.data, int(self.cfg.seed))

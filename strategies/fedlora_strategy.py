@@ -152,6 +152,8 @@ class FedLoRAStrategy(Strategy):
         layout: LoRALayout | None = None,
         profiles: Profiles | None = None,
         weighting: ClientWeights | None = None,
+        over_selection: float = 0.0,
+        planned_spend: Callable[[str | None], tuple[float, float, int] | None] | None = None,
     ) -> None:
         super().__init__()
         self.global_arrays = [np.asarray(a, dtype=np.float32) for a in initial_arrays]
@@ -197,6 +199,15 @@ class FedLoRAStrategy(Strategy):
         # configured one (by default each claim bounded by what the plan knows); a strategy
         # built without one takes the claims as sent.
         self.weighting = weighting or ClientWeights(rule=REPORTED)
+        # Over-selection (strategies.deadline): sample (1 + over_selection) times the
+        # round's target and close the round once the target has reported.
+        self.over_selection = float(over_selection)
+        self.round_quorum: int | None = None
+        # The privacy spend a client planned for one round ((sigma, q, steps), sample-level
+        # DP; None without), by client id, or the largest any client planned for None: what
+        # a client cut off by the deadline may have released.
+        self.planned_spend = planned_spend or (lambda cid: None)
+        self._cut_off: list[dict[str, Any]] = []
         self.recorder = recorder
         self.on_round_start = on_round_start
         self.on_round_end = on_round_end
@@ -285,6 +296,24 @@ class FedLoRAStrategy(Strategy):
                                               self.node_clients, server_round)
         return self._instructions
 
+    def cut_off(self, nodes: list[int], reason: str) -> None:
+        """Sampled nodes whose reply had not arrived when the round closed
+        (:class:`strategies.deadline.RoundDeadline`). They trained, or may have: their
+        update may still reach the SuperLink after the round, so each is counted as
+        having spent its planned round (sample-level DP; under client-level DP a missing
+        update is a zero contribution to a mechanism accounted at its sampling rate)."""
+        for node in nodes:
+            cid = self.node_clients.get(str(node))
+            self._cut_off.append({"node_id": str(node), "cid": cid, "reason": reason,
+                                  "planned_spend": self.planned_spend(cid)})
+        self._log_participant(WARNING, "round %s: %s sampled client(s) cut off: %s", self.started_round, len(nodes),
+                              reason)
+
+    def round_closed(self, seconds: float, simulated: bool) -> None:
+        """How long the round's training took until it closed, on the real clock or the
+        simulated one (:mod:`strategies.deadline`)."""
+        self.notify("on_round_closed", self.started_round, seconds, simulated)
+
     @contextlib.contextmanager
     def replaying(self):
         """``configure_fit`` returns the started round's instructions again (same draw)."""
@@ -297,11 +326,15 @@ class FedLoRAStrategy(Strategy):
     def sample_uniform(self, server_round: int, client_manager: ClientManager, ins: FitIns) -> list[tuple[ClientProxy, FitIns]]:
         """``fraction_fit`` of the clients with budget left, uniformly without replacement."""
         clients, eligible = uniform_sample(client_manager, self.fraction_fit, self.min_fit_clients,
-                                           self.min_available_clients, self.exhausted)
+                                           self.min_available_clients, self.exhausted, self.over_selection)
         if not clients:
             log(WARNING, "round %s: %s clients with budget left, fewer than needed; no training", server_round, eligible)
             return []
-        how = {"method": "uniform without replacement"}
+        how: dict[str, Any] = {"method": "uniform without replacement"}
+        self.round_quorum = None
+        if self.over_selection > 0:
+            self.round_quorum = how_many(self.fraction_fit, self.min_fit_clients, eligible)
+            how.update(over_selection=self.over_selection, target=self.round_quorum)
         if self.selection == "power_of_choice":
             clients, how = self._power_of_choice(client_manager, clients, eligible)
         elif self.selection == "resource_aware":
@@ -365,6 +398,13 @@ class FedLoRAStrategy(Strategy):
                            node_clients=dict(self.node_clients))
         batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec, self.layout,
                        facts)
+        cut, self._cut_off = self._cut_off, []
+        for info in cut:
+            batch.rejected.append({"cid": None, "node_id": info["node_id"], "accepted": False,
+                                   "reason": info["reason"], "bytes_down": self.bytes_down_per_client})
+        if cut:
+            batch.num_failures += len(cut)
+            self.notify("on_cut_off", server_round, cut)
         for info in batch.clients:
             self.node_clients[str(info["node_id"])] = str(info["cid"])
             # A client that replied holds its history; it needs none from us again.
@@ -449,6 +489,9 @@ class FedLoRAStrategy(Strategy):
             f"and {batch.num_failures} failure(s), fewer than federation.min_fit_results={self.min_fit_results}"
             + (f" ({reasons})" if reasons else " (too few clients were available to sample)")
         )
+        if batch.num_results == 0 and "round_timeout_s" in reasons:
+            error += ("; not one client finished its round before the deadline, which is shorter than a client's "
+                      "local training: raise federation.round_timeout_s")
         log(WARNING, "%s", error)
         if self.recorder is not None:
             self.recorder.on_fit(server_round, batch.clients, batch.rejected, 0.0, aggregation_error=error)

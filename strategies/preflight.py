@@ -129,9 +129,41 @@ def check_federation(cfg: Any, simulation: bool = True) -> None:
     check_aggregator(cfg)
     check_ranks(cfg)
     check_selection(cfg)
+    check_stragglers(cfg)
     check_secure(cfg, clients_per_round(cfg), robust=not getattr(
         get_aggregator(aggregator_name(cfg.strategy)), "client_dp_sensitivity", None))
     malicious_clients(cfg.attack, n)
+
+
+def check_stragglers(cfg: Any) -> None:
+    """``federation.round_timeout_s`` and ``federation.over_selection``: values that make
+    sense, with the sampling and the mechanisms they can work with."""
+    fed = cfg.federation
+    timeout, over = fed.get("round_timeout_s"), float(fed.get("over_selection") or 0.0)
+    if timeout is not None and not float(timeout) > 0:
+        raise ConfigError("federation.round_timeout_s", f"must be > 0 seconds (or null: no deadline), got {timeout}")
+    if secure_enabled(cfg) and timeout is not None:
+        raise ConfigError("federation.round_timeout_s", "SecAgg+ runs its own stages, each with its own deadline: "
+                          "set secure.timeout instead (and federation.round_timeout_s=null)")
+    if over == 0:
+        return
+    if not over > 0:
+        raise ConfigError("federation.over_selection", f"must be >= 0 (a fraction of the round's target), got {over}")
+    if unit_of(cfg) == CLIENT:
+        raise ConfigError("federation.over_selection", "client-level DP samples each client independently (Poisson, "
+                          "the rate its accountant uses), so a round has no target to over-select for: raise "
+                          "federation.fraction_fit instead, and set federation.over_selection=0")
+    if secure_enabled(cfg):
+        raise ConfigError("federation.over_selection", "SecAgg+ masks over every sampled client and closes each "
+                          "stage at secure.timeout, not at a quorum; set federation.over_selection=0")
+    if str(fed.get("selection") or "uniform") != "uniform":
+        raise ConfigError("federation.over_selection", f"works with federation.selection=uniform, not "
+                          f"{fed.selection}; set federation.over_selection=0")
+    target, n = clients_per_round(cfg), int(fed.num_clients)
+    if math.ceil(target * (1.0 + over)) > n:
+        raise ConfigError("federation.over_selection", f"{target} clients per round over-selected by {over:g} is "
+                          f"{math.ceil(target * (1.0 + over))}, more than the federation's {n} clients: lower it "
+                          "(or federation.fraction_fit)")
 
 
 def check_selection(cfg: Any) -> None:

@@ -36,16 +36,19 @@ def how_many(fraction: float, minimum: int, available: int) -> int:
 
 
 def uniform_sample(
-    client_manager: ClientManager, fraction: float, min_clients: int, min_available: int, excluded: set[str]
+    client_manager: ClientManager, fraction: float, min_clients: int, min_available: int, excluded: set[str],
+    over_selection: float = 0.0,
 ) -> tuple[list[ClientProxy], int]:
     """``fraction`` of the eligible clients (not ``excluded``) uniformly without
-    replacement, and how many were eligible; no clients when fewer than needed are."""
+    replacement, ``over_selection`` more of them on top (as many as there are), and
+    how many were eligible; no clients when fewer than needed are."""
     # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
     client_manager.wait_for(min_available)
     eligible = client_manager.num_available() - len(excluded)
     n = how_many(fraction, min_clients, eligible)
     if n > eligible:
         return [], eligible
+    n = min(eligible, math.ceil(n * (1.0 + over_selection)))
     return client_manager.sample(num_clients=n, min_num_clients=min_available, criterion=Excluding(excluded)), eligible
 
 

@@ -42,6 +42,7 @@ from fedlora.record.results import RunRecorder
 from fedlora.record.tracking import attach_tracking
 from fedlora.tasks.runtime import get_bundle
 from strategies.client_dp import ClientLevelDP
+from strategies.deadline import RoundDeadline
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.preflight import preflight
 from strategies.secagg import secagg_workflow
@@ -101,9 +102,11 @@ def _fraction_evaluate(plan: ExperimentPlan, echo) -> float:
 
 
 def run_server(
-    grid: Grid, context: Context, plan: ExperimentPlan, run_dir: Path, echo=print, resume: bool = False
+    grid: Grid, context: Context, plan: ExperimentPlan, run_dir: Path, echo=print, resume: bool = False,
+    simulation: bool = False,
 ) -> dict[str, Any]:
-    """Run the federation of ``plan``; with ``resume`` continue after the run dir's checkpoint."""
+    """Run the federation of ``plan``; with ``resume`` continue after the run dir's
+    checkpoint. In a ``simulation`` rounds close on the simulated clock."""
     cfg, fed = plan.cfg, plan.cfg.federation
     task = plan.task_data()
     bundle = get_bundle(cfg, plan.num_labels)
@@ -149,6 +152,8 @@ def run_server(
         layout=bundle.layout,
         profiles=plan.profiles,
         weighting=client_weights(cfg.strategy, {c.client: c.num_examples for c in plan.clients}),
+        over_selection=float(fed.get("over_selection") or 0.0),
+        planned_spend=plan.planned_round_spend,
     )
     if plan.client_dp is not None:
         strategy = ClientLevelDP(strategy, plan.client_dp, plan.noise)
@@ -170,6 +175,11 @@ def run_server(
              f"{settings.quantization_range} levels)")
     # Under client-level DP Flower's own log lines must not count the participants.
     log_filter = None if plan.release.participation_public else hide_participation_in_logs()
+    timeout = fed.get("round_timeout_s")
+    if fit_workflow is None and (timeout is not None or strategy.over_selection > 0):
+        # Rounds close at the target (over-selection) or the deadline, not at the last straggler.
+        grid = RoundDeadline(grid, timeout, lambda: strategy.round_quorum, strategy.cut_off, simulated=simulation,
+                             on_closed=strategy.round_closed)
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except RoundFailed as err:
@@ -215,7 +225,7 @@ def make_server_app(plan: ExperimentPlan, run_dir: Path, echo=print, resume: boo
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, plan, run_dir, echo, resume)
+        run_server(grid, context, plan, run_dir, echo, resume, simulation=True)
 
     return app
 

@@ -17,6 +17,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedlora.client.heterogeneity import simulated_profiles_mod
 from fedlora.client.numpy_client import make_client_fn, node_identity
 from fedlora.client.policy import NodePolicy, PolicyRefusal
 from fedlora.core.config import compose_overrides
@@ -60,8 +61,12 @@ secure_mod = secagg_mod(node_requires_secagg)
 def make_client_app(plan: ExperimentPlan, state_dir: Path | str | None = None) -> ClientApp:
     """The ClientApp of a simulation: clients' spend records under ``state_dir``."""
     expected = secagg_expected(plan.cfg)
-    mod = secagg_mod(lambda ctxt: expected or node_requires_secagg(ctxt))
-    return ClientApp(client_fn=make_client_fn(plan, state_dir), mods=[mod])
+    mods = [secagg_mod(lambda ctxt: expected or node_requires_secagg(ctxt))]
+    if plan.secagg is None:
+        # Each client's round on the simulated clock, its profile enacted (round deadlines
+        # and over-selection order replies by it). SecAgg+ stages keep Flower's own flow.
+        mods.append(simulated_profiles_mod(plan.profiles))
+    return ClientApp(client_fn=make_client_fn(plan, state_dir), mods=mods)
 
 
 def admitted_config(ctxt: Context) -> Any:

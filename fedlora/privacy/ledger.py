@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from fedlora.core.units import CLIENT, SAMPLE
@@ -41,6 +41,12 @@ class PrivacyLedger:
 
     def add(self, entry: LedgerEntry) -> None:
         self.entries.append(entry)
+
+    def rename(self, old: str, new: str) -> None:
+        """Entries held under a placeholder (``node:<id>``, a node whose client was not
+        known yet) now belong to the client ``new``."""
+        if any(e.client == old for e in self.entries):
+            self.entries = [replace(e, client=new) if e.client == old else e for e in self.entries]
 
     def clients(self) -> list[str]:
         return sorted({e.client for e in self.entries}, key=_natural)

@@ -69,7 +69,7 @@ DP_EVALUATION_REPLY = frozenset({"partition_id", "privacy_unit", NOISY_CORRECT, 
 # Timings too: a round takes longer the more clients were drawn.
 PARTICIPATION_KEYS = ("clients", "sampled", "failures", "num_accepted", "num_rejected", "bytes_up", "bytes_down",
                       "aggregation", "aggregation_s", "secagg_halted", "elapsed_s", "weights_bounded",
-                      "evaluation_outliers")
+                      "evaluation_outliers", "cut_off", "round_clock")
 # Inside the public client_dp block: a count of clipped participants.
 CLIPPED_KEY = "clipped_updates"
 INTERNAL_DIR = "server_internal"

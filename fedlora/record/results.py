@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.files import append_durable, write_atomic
-from fedlora.core.units import CLIENT, LABEL, NONE, SCOPE
+from fedlora.core.units import CLIENT, LABEL, NONE, SAMPLE, SCOPE
 from fedlora.models.hub import revisions
 from fedlora.privacy.evaluation import PLAIN
 from fedlora.privacy.ledger import ACCOUNTANTS, EVERY_CLIENT, LedgerEntry, PrivacyLedger
@@ -112,6 +112,8 @@ class RunRecorder:
         self.release = release or ReleasePolicy(unit=privacy_unit)
         self.internal = InternalRecord(self.run_dir) if not self.release.participation_public else None
         self.rounds: dict[int, dict[str, Any]] = {}
+        # The simulated clock's total (seconds of every round's training on it so far).
+        self.simulated_s = 0.0
         self.ledger = PrivacyLedger()
         self.final: dict[str, Any] | None = None
         # Which clients were malicious and how (robustness experiments), for auditing.
@@ -144,6 +146,8 @@ class RunRecorder:
         self.ledger = ledger
         self.attack = payload.get("attack", self.attack)
         self.resumed_from = up_to_round
+        clocks = [r["round_clock"] for r in self.rounds.values() if "simulated_elapsed_s" in r.get("round_clock", {})]
+        self.simulated_s = max((c["simulated_elapsed_s"] for c in clocks), default=0.0)
 
     def _round(self, server_round: int) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {"round": server_round})
@@ -204,6 +208,35 @@ class RunRecorder:
         """The aggregation rule, its parameters and its decisions by client id."""
         self._round(server_round)["aggregation"] = decisions
 
+    def on_round_closed(self, server_round: int, seconds: float, simulated: bool) -> None:
+        """When the round's training closed: seconds after its start, on the real clock or
+        the simulated one, and the simulated clock's total so far."""
+        clock = "simulated" if simulated else "real"
+        if simulated:
+            self.simulated_s += float(seconds)
+        self._round(server_round)["round_clock"] = {
+            "clock": clock, "training_s": float(seconds),
+            **({"simulated_elapsed_s": self.simulated_s} if simulated else {})}
+
+    def on_cut_off(self, server_round: int, cut: list[dict[str, Any]]) -> None:
+        """Sampled clients a round closed without (deadline or quorum). Under sample-level
+        DP each is counted as having spent its planned round (its update may still have
+        left it), under its client id or, while the node's client is unknown, as
+        ``node:<id>`` (renamed when the node first replies; its own record then merges
+        without counting the round twice)."""
+        self._round(server_round)["cut_off"] = [
+            {"node_id": c["node_id"], "client": c.get("cid"), "reason": c["reason"],
+             "assumed_spend": c.get("planned_spend") is not None} for c in cut]
+        for c in cut:
+            spend = c.get("planned_spend")
+            if spend is None or self.privacy_unit != SAMPLE:
+                continue
+            sigma, q, steps = spend
+            self.ledger.add(LedgerEntry(client=str(c.get("cid") or f"node:{c['node_id']}"), round=int(server_round),
+                                        unit=SAMPLE, noise_multiplier=float(sigma), sample_rate=float(q),
+                                        steps=int(steps), delta=float(self.delta)))
+        self.ledger.entries.sort(key=lambda e: e.round)
+
     def on_fit(
         self,
         server_round: int,
@@ -212,6 +245,9 @@ class RunRecorder:
         agg_s: float,
         aggregation_error: str | None = None,
     ) -> None:
+        for info in clients:
+            if info.get("node_id") is not None:
+                self.ledger.rename(f"node:{info['node_id']}", str(info["cid"]))
         for info in clients:
             # A client that trained spent budget whether or not its update was accepted.
             # Its reply carries its whole own record: rounds the ledger lacks (trained in a
