@@ -389,13 +389,16 @@ class FedLoRAStrategy(Strategy):
         server_round: int,
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        facts: RoundFacts | None = None,
     ) -> ReplyBatch:
         """The round's replies sorted (:func:`strategies.triage.triage`); what they tell
-        about the federation (who declined, which node is which client) is kept."""
-        started = self._instructions and self.started_round == server_round
-        facts = RoundFacts(server_round=server_round,
-                           sampled=frozenset(str(p.cid) for p, _ in self._instructions) if started else None,
-                           node_clients=dict(self.node_clients))
+        about the federation (who declined, which node is which client) is kept. The
+        facts to check them by are the started round's unless given."""
+        if facts is None:
+            started = self._instructions and self.started_round == server_round
+            facts = RoundFacts(server_round=server_round,
+                               sampled=frozenset(str(p.cid) for p, _ in self._instructions) if started else None,
+                               node_clients=dict(self.node_clients))
         batch = triage(results, failures, self.global_arrays, self.bytes_down_per_client, self.codec, self.layout,
                        facts)
         cut, self._cut_off = self._cut_off, []

@@ -28,6 +28,7 @@ from fedlora.privacy.evaluation import OFF, evaluation_mode
 from fedlora.record.tracking import check_tracking
 from fedlora.tasks.runtime import get_bundle
 from strategies.aggregators import AGGREGATORS, check_params, get_aggregator
+from strategies.async_server import ASYNC, MODES, SYNC, AsyncSettings
 from strategies.sampling import SELECTIONS
 from strategies.server_optimizers import from_config as server_optimizer
 from strategies.weighting import client_weights
@@ -130,9 +131,55 @@ def check_federation(cfg: Any, simulation: bool = True) -> None:
     check_ranks(cfg)
     check_selection(cfg)
     check_stragglers(cfg)
+    check_mode(cfg)
     check_secure(cfg, clients_per_round(cfg), robust=not getattr(
         get_aggregator(aggregator_name(cfg.strategy)), "client_dp_sensitivity", None))
     malicious_clients(cfg.attack, n)
+
+
+ASYNC_AGGREGATORS = ("fedavg", "median", "trimmed_mean")
+
+
+def check_mode(cfg: Any) -> None:
+    """``federation.mode``: sync, or async (FedBuff) with what an asynchronous buffer can carry."""
+    fed = cfg.federation
+    mode = str(fed.get("mode") or SYNC)
+    if mode not in MODES:
+        raise ConfigError("federation.mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode != ASYNC:
+        return
+    refuse = lambda setting, why: ConfigError(setting, f"federation.mode=async: {why}")  # noqa: E731
+    if secure_enabled(cfg):
+        raise refuse("secure", "SecAgg+ masks one synchronous cohort per round (its pairwise masks cancel only "
+                     "in that cohort's sum); use federation.mode=sync with it, or secure=none")
+    if unit_of(cfg) == CLIENT:
+        raise refuse("privacy", "client-level DP's accountant assumes each round's participants are a Poisson "
+                     "sample released through one Gaussian mechanism, which a buffer filled by whoever finishes "
+                     "first is not; use privacy=sample (each client's own DP-SGD composes as in sync rounds)")
+    agg = aggregator_name(cfg.strategy)
+    if agg not in ASYNC_AGGREGATORS:
+        raise refuse("strategy", f"{agg} assumes one fixed set of updates per round (its f malicious of n "
+                     f"participants, or a reference or local-step normaliser per round); an asynchronous buffer "
+                     f"mixes updates of several global versions. Use one of {', '.join(ASYNC_AGGREGATORS)}")
+    if fed.get("round_timeout_s") is not None or float(fed.get("over_selection") or 0) > 0:
+        raise refuse("federation.round_timeout_s", "an asynchronous run has no rounds to close: set "
+                     "federation.round_timeout_s=null and federation.over_selection=0 (max_staleness bounds "
+                     "how late an update may be)")
+    if str(fed.get("selection") or "uniform") != "uniform":
+        raise refuse("federation.selection", "idle clients are sent work uniformly; set federation.selection=uniform")
+    if RankPlan.from_config(cfg).varies:
+        raise refuse("lora", "heterogeneous or adaptive LoRA ranks aggregate per round; use one rank")
+    n = int(fed.num_clients)
+    settings = AsyncSettings.from_config(fed, clients_per_round(cfg))
+    if not 1 <= settings.buffer_size <= n:
+        raise ConfigError("federation.buffer_size", f"must lie in [1, num_clients={n}], got {settings.buffer_size}")
+    if not settings.buffer_size <= settings.concurrency <= n:
+        raise ConfigError("federation.concurrency", f"must lie in [buffer_size={settings.buffer_size}, "
+                          f"num_clients={n}], got {settings.concurrency}")
+    if settings.max_staleness is not None and settings.max_staleness < 0:
+        raise ConfigError("federation.max_staleness", f"must be >= 0 (or null), got {settings.max_staleness}")
+    if not settings.staleness_exponent >= 0:
+        raise ConfigError("federation.staleness_exponent", f"must be >= 0, got {settings.staleness_exponent}")
 
 
 def check_stragglers(cfg: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from logging import ERROR
 from pathlib import Path
@@ -20,7 +21,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from omegaconf import OmegaConf
 
-from fedlora.core.config import OVERRIDES_FILE, compose_overrides, plain_config
+from fedlora.core.config import OVERRIDES_FILE, compose_overrides, plain_config, seed_for
 from fedlora.core.errors import ConfigError
 from fedlora.core.units import NONE, SAMPLE
 from fedlora.models.lora import get_arrays, set_arrays
@@ -41,6 +42,7 @@ from fedlora.record.plots import RunPlots
 from fedlora.record.results import RunRecorder
 from fedlora.record.tracking import attach_tracking
 from fedlora.tasks.runtime import get_bundle
+from strategies.async_server import ASYNC, SYNC, AsyncSettings, FedBuffServer
 from strategies.client_dp import ClientLevelDP
 from strategies.deadline import RoundDeadline
 from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
@@ -48,6 +50,9 @@ from strategies.preflight import preflight
 from strategies.secagg import secagg_workflow
 from strategies.server_optimizers import from_config as server_optimizer
 from strategies.weighting import client_weights
+
+
+ASYNC_SALT = 0xA5C
 
 
 def _save(run_dir: Path, strategy: FedLoRAStrategy, recorder: RunRecorder, server_round: int) -> None:
@@ -176,12 +181,16 @@ def run_server(
     # Under client-level DP Flower's own log lines must not count the participants.
     log_filter = None if plan.release.participation_public else hide_participation_in_logs()
     timeout = fed.get("round_timeout_s")
-    if fit_workflow is None and (timeout is not None or strategy.over_selection > 0):
-        # Rounds close at the target (over-selection) or the deadline, not at the last straggler.
+    if fit_workflow is None and (simulation or timeout is not None or strategy.over_selection > 0):
+        # Rounds close at the target (over-selection) or the deadline, not at the last
+        # straggler; a simulation's rounds are timed on the simulated clock.
         grid = RoundDeadline(grid, timeout, lambda: strategy.round_quorum, strategy.cut_off, simulated=simulation,
                              on_closed=strategy.round_closed)
     try:
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        if str(fed.get("mode") or SYNC) == ASYNC:
+            _run_async(grid, strategy, plan, remaining, resumed=ckpt is not None, simulation=simulation, echo=echo)
+        else:
+            DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except RoundFailed as err:
         # Recorded and checkpointed already: stop here, resumable.
         recorder.stop(str(err))
@@ -199,6 +208,24 @@ def run_server(
         trainable_parameters=int(sum(a.size for a in strategy.global_arrays)),
         label_names=list(plan.label_names),
     )
+
+
+def _run_async(grid: Grid, strategy: FedLoRAStrategy, plan: ExperimentPlan, remaining: int, resumed: bool,
+               simulation: bool, echo) -> None:
+    """``federation.mode=async``: FedBuff (:mod:`strategies.async_server`) for the versions left."""
+    fed = plan.cfg.federation
+    settings = AsyncSettings.from_config(fed, plan.clients_per_round)
+    echo(f"asynchronous (FedBuff): {settings.concurrency} clients training at a time, a global step every "
+         f"{settings.buffer_size} updates, max staleness {settings.max_staleness}; the server's test split is "
+         "evaluated after every step (no federated evaluation)")
+    inner = grid.grid if isinstance(grid, RoundDeadline) else grid
+    deadline = time.monotonic() + 600
+    while len(list(inner.get_node_ids())) < int(fed.min_available_clients) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not resumed:
+        strategy.evaluate(0, None)
+    FedBuffServer(inner, strategy, settings, strategy.round_offset + remaining, simulated=simulation,
+                  seed=seed_for(int(plan.cfg.seed), ASYNC_SALT)).run()
 
 
 def _restore(strategy: FedLoRAStrategy, recorder: RunRecorder, ckpt: Checkpoint, run_dir: Path, echo) -> int:

@@ -208,12 +208,14 @@ class RunRecorder:
         """The aggregation rule, its parameters and its decisions by client id."""
         self._round(server_round)["aggregation"] = decisions
 
-    def on_round_closed(self, server_round: int, seconds: float, simulated: bool) -> None:
+    def on_round_closed(self, server_round: int, seconds: float, simulated: bool,
+                        elapsed_s: float | None = None) -> None:
         """When the round's training closed: seconds after its start, on the real clock or
-        the simulated one, and the simulated clock's total so far."""
+        the simulated one, and the simulated clock's total so far (``elapsed_s`` where
+        the caller keeps the clock itself, as an asynchronous run does)."""
         clock = "simulated" if simulated else "real"
         if simulated:
-            self.simulated_s += float(seconds)
+            self.simulated_s = float(elapsed_s) if elapsed_s is not None else self.simulated_s + float(seconds)
         self._round(server_round)["round_clock"] = {
             "clock": clock, "training_s": float(seconds),
             **({"simulated_elapsed_s": self.simulated_s} if simulated else {})}
