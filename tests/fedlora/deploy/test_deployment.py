@@ -10,131 +10,37 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from fedlora.deploy.credentials import make_node_keys, make_tls
 from fedlora.deploy.launch import (
-    Credentials,
     flower_bin,
     flower_env,
-    gateway_command,
-    register_supernode,
     run_config_text,
     start,
     stop,
-    superlink_command,
-    supernode_command,
     wait_for_online,
-    wait_listening,
     write_connection,
 )
-from fedlora.deploy.runs import RUNS_ROOT_ENV
+from fedlora.deploy.loopback import APP_DIR, CONNECTION, LoopbackFederation, free_port
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.record.checkpoint import CHECKPOINT
 
 pytestmark = pytest.mark.integration
 
-APP_DIR = Path(__file__).resolve().parents[3]
-CONNECTION = "lab-test"
 SMALL = (
     "model=tiny_bert data.max_train_samples=120 data.max_test_samples=40 train.batch_size=16 "
     "train.probe_steps=0 tracking=none"
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Federation:
-    """A SuperLink with TLS + node auth on loopback, the gateway in front of it, and the
-    SuperNodes added to it (through the gateway)."""
-
-    def __init__(self, root: Path, runs_root: Path) -> None:
-        self.root = root
-        make_tls(root)
-        self.creds = Credentials(root)
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.fleet_address = f"127.0.0.1:{_free_port()}"
-        self.env = flower_env(root / "flwr-home")
-        # Line coverage (make test) measures the SuperLink, its ServerApps and the CLI here;
-        # a SuperNode starts a fresh ClientApp process every round, whose code the unit
-        # tests and the simulations measure already: measuring it here again would only
-        # add its start-up time to every round.
-        self.node_env = {k: v for k, v in self.env.items() if not k.startswith("COVERAGE_")}
-        self.pids: dict[str, int] = {}
-        self.nodes: dict[int, subprocess.Popen] = {}
-        self.registered: set[int] = set()
-        self.partitions: dict[int, int] = {}
-        # The run dirs of these tests are pytest's tmp dirs: the runs root is their parent.
-        link = start(superlink_command(self.creds, port=self.port), root / "superlink.log",
-                     {**self.env, RUNS_ROOT_ENV: str(runs_root)}, cwd=APP_DIR)
-        self.pids["superlink"] = link.pid
-        wait_listening(self.address, link, root / "superlink.log")
-        gateway = start(gateway_command(self.creds, self.address, port=int(self.fleet_address.rsplit(":", 1)[1])),
-                        root / "gateway.log", self.env, cwd=APP_DIR)
-        self.pids["gateway"] = gateway.pid
-        wait_listening(self.fleet_address, gateway, root / "gateway.log", name="gateway")
-        write_connection(root / "flwr-home", CONNECTION, self.address, self.creds.ca_cert)
-
-    def add_node(self, index: int, num_partitions: int, register: bool = True,
-                 policy: dict | None = None) -> subprocess.Popen:
-        private, public = Credentials(self.root).node_key(index), Credentials(self.root).node_public_key(index)
-        if not private.is_file():
-            private, public = make_node_keys(self.root, f"supernode-{index}")
-        if register and index not in self.registered:
-            register_supernode(public, CONNECTION, self.env)
-            self.registered.add(index)
-        cmd = supernode_command(
-            self.fleet_address, {"partition-id": index, "num-partitions": num_partitions, **(policy or {})},
-            _free_port(),
-            self.creds.ca_cert, private, max_wait_s=20,
-        )
-        proc = start(cmd, self.root / f"supernode-{index}.log", self.node_env, cwd=APP_DIR)
-        self.pids[f"supernode-{index}"] = proc.pid
-        self.nodes[index] = proc
-        self.partitions[index] = num_partitions
-        return proc
-
-    def ensure_nodes(self, count: int, num_partitions: int) -> None:
-        """SuperNodes 0..count-1 running and online (tests may run alone or in any order)."""
-        for i in range(count):
-            node = self.nodes.get(i)
-            if node is not None and node.poll() is None and self.partitions[i] != num_partitions:
-                stop(node.pid)  # restarted with this federation's partitioning
-            if node is None or node.poll() is not None:
-                self.add_node(i, num_partitions)
-        wait_for_online(CONNECTION, self.env, count, timeout_s=90)
-
-    def flwr_run(self, overrides: str, run_dir: Path, resume: bool = False, log_name: str = "run") -> subprocess.Popen:
-        cmd = [flower_bin("flwr"), "run", str(APP_DIR), CONNECTION,
-               "--run-config", run_config_text(overrides, run_dir, resume), "--stream"]
-        proc = start(cmd, self.root / f"{log_name}.log", self.env, cwd=APP_DIR)
-        self.pids[log_name] = proc.pid
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def close(self) -> None:
-        for pid in self.pids.values():
-            stop(pid)
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    fed = Federation(tmp_path_factory.mktemp("deploy"), tmp_path_factory.getbasetemp())
+    fed = LoopbackFederation(tmp_path_factory.mktemp("deploy"), tmp_path_factory.getbasetemp())
     try:
         yield fed
     finally:
@@ -147,7 +53,7 @@ def federation(tmp_path_factory):
         assert not left, f"processes left running: {[p.info['cmdline'][:3] for p in left]}"
 
 
-def _wait(proc: subprocess.Popen, fed: Federation, name: str, timeout: float) -> None:
+def _wait(proc: subprocess.Popen, fed: LoopbackFederation, name: str, timeout: float) -> None:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -343,7 +249,7 @@ def test_failed_round_below_minimum_stops_and_resumes(federation, tmp_path):
     assert {c["cid"] for c in next(r for r in res["rounds"] if r["round"] == 2)["clients"]} == {0, 1, 2}
 
 
-def _serverapp(fed: Federation) -> psutil.Process | None:
+def _serverapp(fed: LoopbackFederation) -> psutil.Process | None:
     try:
         children = psutil.Process(fed.pids["superlink"]).children(recursive=True)
     except psutil.Error:
