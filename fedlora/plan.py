@@ -217,12 +217,24 @@ def build_plan(cfg: Any) -> ExperimentPlan:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _plan_for(key: str) -> ExperimentPlan:
-    return build_plan(OmegaConf.create(json.loads(key)))
+# Plans by config key, this process's (a few: an experiment and a sweep's neighbours).
+_PLANS: dict[str, ExperimentPlan] = {}
+_MAX_PLANS = 4
+
+
+def remember_plan(plan: ExperimentPlan) -> None:
+    """Keep ``plan`` as this process's plan of its config (it was built here already)."""
+    key = config_key(plan.cfg)
+    _PLANS.pop(key, None)
+    while len(_PLANS) >= _MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
 
 
 def build_plan_cached(cfg: Any) -> ExperimentPlan:
     """:func:`build_plan` once per process for one config (deployed ClientApps build a
-    client per message)."""
-    return _plan_for(config_key(cfg))
+    client per message; simulated clients a process each)."""
+    key = config_key(cfg)
+    if key not in _PLANS:
+        remember_plan(build_plan(OmegaConf.create(json.loads(key))))
+    return _PLANS[key]

@@ -36,7 +36,7 @@ from fedlora.core.secure import prepare_update
 from fedlora.data import TaskData, client_split
 from fedlora.models.lora import get_arrays, rank_constraint, set_arrays
 from fedlora.models.ranks import RANK_CAP_KEY, pruned_rank, truncate
-from fedlora.plan import ExperimentPlan, config_key, weight_examples
+from fedlora.plan import ExperimentPlan, build_plan_cached, config_key, remember_plan, weight_examples
 from fedlora.privacy import DPPlan, epsilon_from_history, local_steps, probe_steps
 from fedlora.privacy.evaluation import DP, NOISY_CORRECT, NOISY_EXAMPLES, noisy_counts
 from fedlora.privacy.randomness import EVALUATION_NOISE, NOISE, SAMPLING
@@ -413,10 +413,18 @@ def make_client_fn(plan: ExperimentPlan, default_state_dir: Path | str | None = 
     under its ``state-dir`` (node config), else ``default_state_dir`` (a simulation's run
     dir), else ``$FLWR_HOME/fedlora-client-state``."""
 
+    # The function holds the config, not the plan: a simulation backend ships it with
+    # every message (Flower's Ray backend pickles the ClientApp per task), and a plan of
+    # 10,000 clients' shards would make each message cost what the federation's size
+    # does. Each process builds the plan once from the config, as a deployed node does.
+    cfg = plan.cfg
+    remember_plan(plan)
+
     def client_fn(context: Context):
-        torch.set_num_threads(max(1, int(plan.cfg.federation.client_resources.num_cpus)))
-        pid, data_path = node_identity(context.node_config, plan.num_clients)
+        mine = build_plan_cached(cfg)
+        torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
+        pid, data_path = node_identity(context.node_config, mine.num_clients)
         root = state_dir(context.node_config, default_state_dir)
-        return LoRAClient(plan, pid, root, data_path).to_client()
+        return LoRAClient(mine, pid, root, data_path).to_client()
 
     return client_fn

@@ -12,7 +12,7 @@ from fedlora.client.app import admitted_config, app, make_client_app, secure_mod
 from fedlora.client.policy import NodePolicy, PolicyRefusal
 from fedlora.core.config import compose
 from fedlora.core.errors import ConfigError
-from fedlora.plan import _plan_for
+from fedlora.plan import _PLANS
 
 NODE = {"partition-id": 0, "num-partitions": 4}
 
@@ -69,13 +69,13 @@ def test_a_malformed_policy_names_its_key(node, key):
 
 
 def test_the_deployed_client_app_refuses_before_it_loads_anything():
-    cached = _plan_for.cache_info().currsize
+    cached = dict(_PLANS)
     for overrides in ("privacy.target_epsilon=20", "privacy=none"):
         with pytest.raises(PolicyRefusal, match="this node refuses the run"):
             app(_train_message(), _context({"max-epsilon": 8.0}, overrides))
     with pytest.raises(PolicyRefusal, match="data.path"):
         app(_train_message(), _context({}, "data=local data.path=/etc/shadow"))
-    assert _plan_for.cache_info().currsize == cached  # no plan (and so no data) was built
+    assert _PLANS == cached  # no plan (and so no data) was built
     assert admitted_config(_context({"max-epsilon": 8.0}, "")).privacy.target_epsilon == 8.0
 
 
