@@ -4,7 +4,8 @@ and restarted while the run goes on.
 A SuperLink with TLS and node authentication, its Fleet-only gateway and ``--nodes``
 registered SuperNodes (separate processes, :class:`fedlora.deploy.loopback.LoopbackFederation`)
 run ``--rounds`` rounds of ``--per-round`` clients (tiny model, sample-level DP, a round
-deadline of ``--timeout`` s so a dead node cannot hold a round). Once round 1 is
+deadline of ``--timeout`` s so a dead node cannot hold a round, ``--over-selection``
+more clients sampled than the round needs; or ``--mode async``). Once round 1 is
 recorded, ``--kill-fraction`` of the SuperNodes are killed (SIGKILL, with their ClientApp
 processes) and started again ``--down`` seconds later. Measured: whether the run
 finishes, each round's latency (results.json ``elapsed_s``), its failures and cut-off
@@ -13,6 +14,7 @@ recorded on its own disk must be in the server's ledger (under its client id, or
 its node while the server did not know the node's client).
 
     python benchmarks/load_test.py [--nodes 20] [--rounds 4] [--per-round 10]
+    python benchmarks/load_test.py --mode async --tag _async     # FedBuff on the real clock
 
 Results: ``benchmarks/results/load_test.{json,md}``.
 """
@@ -86,6 +88,9 @@ def main() -> None:
     parser.add_argument("--kill-fraction", type=float, default=0.25)
     parser.add_argument("--down", type=float, default=20.0, help="seconds the killed SuperNodes stay down")
     parser.add_argument("--timeout", type=float, default=180.0, help="federation.round_timeout_s")
+    parser.add_argument("--over-selection", type=float, default=0.2, help="federation.over_selection")
+    parser.add_argument("--mode", choices=["sync", "async"], default="sync", help="federation.mode")
+    parser.add_argument("--tag", default="")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fedlora-load-"))
@@ -99,7 +104,10 @@ def main() -> None:
         overrides = (f"{SMALL} federation.num_clients={args.nodes} federation.rounds={args.rounds} "
                      f"federation.fraction_fit={args.per_round / args.nodes} "
                      f"federation.min_fit_clients={args.per_round} federation.min_available_clients={args.per_round} "
-                     f"federation.round_timeout_s={args.timeout:g} federation.min_fit_results=2 seed={args.seed}")
+                     f"federation.min_fit_results=2 seed={args.seed} federation.mode={args.mode}")
+        if args.mode == "sync":
+            overrides += (f" federation.round_timeout_s={args.timeout:g} "
+                          f"federation.over_selection={args.over_selection:g}")
         proc = fed.flwr_run(overrides, run_dir, log_name="load")
         if not _wait_for(lambda: _rounds_recorded(run_dir) >= 1, 900, proc):
             raise SystemExit(f"round 1 never finished:\n{fed.log('load')[-3000:]}")
@@ -136,14 +144,16 @@ def main() -> None:
         "client_recorded_spends": recorded, "spends_missing_from_ledger": missing,
         "final_epsilon": (res.get("final") or {}).get("epsilon"),
     }
-    md = (f"Load test: {args.nodes} SuperNodes (TLS, node auth, gateway) on loopback, {args.per_round} clients per "
-          f"round, {args.rounds} rounds, deadline {args.timeout:g} s; after round 1, SuperNodes {victims} killed "
-          f"(SIGKILL) and restarted {args.down:g} s later\n\n"
+    how = (f"{args.per_round} clients per round over-selected by {args.over_selection:g}, {args.rounds} rounds, "
+           f"deadline {args.timeout:g} s" if args.mode == "sync" else
+           f"asynchronous (FedBuff, buffer {args.per_round}), {args.rounds} global steps")
+    md = (f"Load test: {args.nodes} SuperNodes (TLS, node auth, gateway) on loopback, {how}; after round 1, "
+          f"SuperNodes {victims} killed (SIGKILL) and restarted {args.down:g} s later\n\n"
           "| finished | rounds | round latency s | accepted / round | failures / round | cut off / round | "
           "client-recorded spends | missing from ledger |\n|---|---|---|---|---|---|---|---|\n"
           f"| {payload['finished']} | {payload['rounds_completed']} | {latency} | {payload['accepted_per_round']} | "
           f"{payload['failures_per_round']} | {payload['cut_off_per_round']} | {recorded} | {missing} |\n")
-    save("load_test", md, payload)
+    save(f"load_test{args.tag}", md, payload)
     shutil.rmtree(root, ignore_errors=True)
 
 
