@@ -51,7 +51,7 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from fedlora.client.heterogeneity import SIMULATION_RECORD, simulated_seconds
 from fedlora.client.state import EXPERIMENT_KEY
 from strategies.fedbuff import FedBuffBuffer
-from strategies.fedlora_strategy import FedLoRAStrategy
+from strategies.fedlora_strategy import FedLoRAStrategy, RoundFailed
 from strategies.triage import ReplyBatch, RoundFacts, payload_bytes, stack
 
 ASYNC = "async"
@@ -119,9 +119,13 @@ class FedBuffServer:
         self._begin_version()
         while self.version < self.num_versions:
             self._fill()
-            if not self.in_flight:
-                raise RuntimeError("asynchronous run: no client left to train (all declined or none connected); "
-                                   "lower federation.rounds or check the SuperNodes")
+            if not self.in_flight and not self._arrived:
+                error = (f"asynchronous run stopped after global step {self.version}: no client left to train "
+                         "(every client declined, its privacy budget spent, or none is connected)")
+                if strategy.recorder is not None:
+                    strategy.recorder.on_fit(self.version + 1, self.clients, self.rejected, 0.0,
+                                             aggregation_error=error)
+                raise RoundFailed(error)
             for msg, dispatch in self._next_replies():
                 self._receive(msg, dispatch)
                 if self.buffer.full:

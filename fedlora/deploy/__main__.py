@@ -54,9 +54,9 @@ from fedlora.deploy.launch import (
     wait_listening,
     write_connection,
 )
+from fedlora.deploy.loopback import APP_DIR
 from fedlora.deploy.runs import RUNS_ROOT_ENV
 
-APP_DIR = Path(__file__).resolve().parents[2]
 STATE = "pids.json"
 WILDCARD = ("0.0.0.0", "::")  # nosec B104 # names compared against --public-host, nothing binds them here
 
