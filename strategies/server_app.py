@@ -92,6 +92,8 @@ def _fraction_evaluate(plan: ExperimentPlan, echo) -> float:
     (``privacy.evaluation``): under DP, ``plain`` is not covered by the run's epsilon."""
     fraction = float(plan.cfg.federation.fraction_evaluate)
     release = plan.release
+    if str(plan.cfg.federation.get("mode") or SYNC) == ASYNC:
+        return 0.0  # the asynchronous loop evaluates on the server's test split only (said at its start)
     if fraction > 0 and not release.client_evaluation:
         echo("federated evaluation is off (privacy.evaluation=off): clients release nothing about their "
              "validation data; the server's test split is evaluated every round")
@@ -181,13 +183,14 @@ def run_server(
     # Under client-level DP Flower's own log lines must not count the participants.
     log_filter = None if plan.release.participation_public else hide_participation_in_logs()
     timeout = fed.get("round_timeout_s")
-    if fit_workflow is None and (simulation or timeout is not None or strategy.over_selection > 0):
+    asynchronous = str(fed.get("mode") or SYNC) == ASYNC
+    if not asynchronous and fit_workflow is None and (simulation or timeout is not None or strategy.over_selection > 0):
         # Rounds close at the target (over-selection) or the deadline, not at the last
         # straggler; a simulation's rounds are timed on the simulated clock.
         grid = RoundDeadline(grid, timeout, lambda: strategy.round_quorum, strategy.cut_off, simulated=simulation,
                              on_closed=strategy.round_closed)
     try:
-        if str(fed.get("mode") or SYNC) == ASYNC:
+        if asynchronous:
             _run_async(grid, strategy, plan, remaining, resumed=ckpt is not None, simulation=simulation, echo=echo)
         else:
             DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
@@ -218,13 +221,13 @@ def _run_async(grid: Grid, strategy: FedLoRAStrategy, plan: ExperimentPlan, rema
     echo(f"asynchronous (FedBuff): {settings.concurrency} clients training at a time, a global step every "
          f"{settings.buffer_size} updates, max staleness {settings.max_staleness}; the server's test split is "
          "evaluated after every step (no federated evaluation)")
-    inner = grid.grid if isinstance(grid, RoundDeadline) else grid
+    # Nodes connect asynchronously (SuperNodes, simulation actors): wait for the minimum.
     deadline = time.monotonic() + 600
-    while len(list(inner.get_node_ids())) < int(fed.min_available_clients) and time.monotonic() < deadline:
+    while len(list(grid.get_node_ids())) < int(fed.min_available_clients) and time.monotonic() < deadline:
         time.sleep(0.5)
     if not resumed:
         strategy.evaluate(0, None)
-    FedBuffServer(inner, strategy, settings, strategy.round_offset + remaining, simulated=simulation,
+    FedBuffServer(grid, strategy, settings, strategy.round_offset + remaining, simulated=simulation,
                   seed=seed_for(int(plan.cfg.seed), ASYNC_SALT)).run()
 
 

@@ -70,11 +70,6 @@ class Profiles:
     declared: tuple[Profile, ...] = ()
     seed: int = 0
 
-    @property
-    def heterogeneous(self) -> bool:
-        """Whether any client is slower or faster, ever offline, or may drop out."""
-        return any(p != Profile() for p in self.declared)
-
     def of(self, client: int) -> Profile:
         return self.declared[int(client) % len(self.declared)] if self.declared else Profile()
 

@@ -72,8 +72,11 @@ def epsilon_fraction(privacy_cfg: Any) -> float:
 
 def planned_evaluations(cfg: Any) -> int:
     """Noisy evaluation releases a client may make over the run: one per round when
-    ``privacy.evaluation=dp`` and clients are evaluated at all, else none."""
+    ``privacy.evaluation=dp`` and clients are evaluated at all, else none (an
+    asynchronous run evaluates on the server only)."""
     if str(cfg.privacy.unit) != SAMPLE or evaluation_mode(cfg) != DP:
+        return 0
+    if str(cfg.federation.get("mode") or "sync") == "async":
         return 0
     return int(cfg.federation.rounds) if float(cfg.federation.fraction_evaluate) > 0 else 0
 

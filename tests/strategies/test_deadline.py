@@ -149,7 +149,6 @@ def test_profiles_diurnal_and_dropout_are_seeded():
     cfg = compose(["federation.num_clients=4", "seed=3",
                    "federation.profiles=[{diurnal:{period:10,low:0.1,high:0.9}},{speed:0.2,dropout:0.5}]"])
     profiles = Profiles.from_config(cfg)
-    assert profiles.heterogeneous and not Profiles().heterogeneous
     day = profiles.of(0).diurnal
     assert day.at(0) == pytest.approx(0.9) and day.at(5) == pytest.approx(0.1)  # peak, then trough
     online = np.mean([[profiles.online(0, r) for r in range(k, 4000, 10)] for k in (0, 5)], axis=1)
