@@ -158,7 +158,7 @@ class FedBuffServer:
 
     def _fill(self) -> None:
         """Send the newest adapter to idle clients until ``concurrency`` are training."""
-        free = self.settings.concurrency - len(self.in_flight)
+        free = self.settings.concurrency - len(self.in_flight) - len(self._arrived)
         idle = self._idle_nodes()
         if free <= 0 or not idle:
             return

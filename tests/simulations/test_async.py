@@ -21,7 +21,7 @@ TINY = [
 def test_fedbuff_steps_without_waiting_for_stragglers(tmp_path):
     # Clients 2 and 5 are 100x slower: a synchronous round would wait for them.
     cmd = [sys.executable, "-m", "simulations.run", *TINY, "federation.num_clients=6", "federation.rounds=3",
-           "federation.mode=async", "federation.buffer_size=3", "federation.concurrency=6",
+           "federation.mode=async", "federation.buffer_size=3", "federation.concurrency=4",
            "federation.profiles=[{speed:1},{speed:1},{speed:0.01}]", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
